@@ -1,0 +1,150 @@
+"""The one DPT decoder every family shares: reassemble -> fuse -> depth head.
+
+    maps (4 tapped encoder feature maps, fine to coarse)
+      -> Reassemble[i]: optional CLS readout, 1x1 projection, resize to 4x / 2x / 1x / 0.5x
+      -> layer_rn[i]:   3x3 conv to the decoder width ("features")
+      -> * fusion_scales[i]                       (the fusion-scaling experiment)
+      -> Fusion[3] .. Fusion[0]: coarse to fine, each upsamples to the next finer map
+      -> DepthHead: conv, upsample to the output size, conv, ReLU, conv, activation
+
+Fusion scaling: factor i multiplies layer_rn[i]'s output, the reassembled map that
+enters fusion block i (i = 0 is the finest, 3 the coarsest). A factor of 0 is the same as
+feeding that fusion block a zero map; (1, 1, 1, 1) is the unmodified model.
+
+Depth-Anything and MiDaS 3.1 differ only in data: which readout (ignore / project),
+whether there are reassemble convs (SwinV2 has none), the head's hidden width, and the
+head's last activation (sigmoid * max_depth for metric Depth-Anything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    in_channels: tuple[int, ...]          # encoder width at each tap (4 values)
+    reassemble_channels: tuple[int, ...]  # width after the 1x1 projection (4 values)
+    features: int                         # decoder width
+    readout: str = "ignore"               # "ignore" | "project" | "none" (no CLS at all)
+    reassemble: bool = True               # False: maps go straight to layer_rn (SwinV2)
+    head_hidden: int = 32
+    metric: bool = False                  # sigmoid * max_depth instead of ReLU
+    max_depth: float = 1.0
+
+
+class Reassemble(nn.Module):
+    """Tokens of one tap -> an image-like map at that tap's decoder resolution."""
+
+    def __init__(self, in_ch: int, out_ch: int, resize: str, readout: str):
+        super().__init__()
+        self.readout_proj = nn.Linear(2 * in_ch, in_ch) if readout == "project" else None
+        self.project = nn.Conv2d(in_ch, out_ch, kernel_size=1)
+        if resize == "up4":
+            self.resize = nn.ConvTranspose2d(out_ch, out_ch, kernel_size=4, stride=4)
+        elif resize == "up2":
+            self.resize = nn.ConvTranspose2d(out_ch, out_ch, kernel_size=2, stride=2)
+        elif resize == "down2":
+            self.resize = nn.Conv2d(out_ch, out_ch, kernel_size=3, stride=2, padding=1)
+        else:
+            self.resize = nn.Identity()
+
+    def forward(self, fmap: Tensor, cls: Optional[Tensor]) -> Tensor:
+        if self.readout_proj is not None:
+            b, c, h, w = fmap.shape
+            tokens = fmap.flatten(2).transpose(1, 2)                     # (B, N, C)
+            readout = cls[:, None, :].expand(-1, tokens.shape[1], -1)
+            tokens = F.gelu(self.readout_proj(torch.cat([tokens, readout], dim=-1)))
+            fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
+        return self.resize(self.project(fmap))
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(F.relu(self.conv1(F.relu(x)))) + x
+
+
+class FusionBlock(nn.Module):
+    """out = out_conv(upsample(rcu2(coarser + rcu1(skip))))."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.rcu1 = ResidualConvUnit(features)   # exists in every checkpoint; unused by the coarsest block
+        self.rcu2 = ResidualConvUnit(features)
+        self.out_conv = nn.Conv2d(features, features, kernel_size=1)
+
+    def forward(self, x: Tensor, skip: Optional[Tensor], size: tuple[int, int]) -> Tensor:
+        if skip is not None:
+            x = x + self.rcu1(skip)
+        x = self.rcu2(x)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        return self.out_conv(x)
+
+
+class DepthHead(nn.Module):
+    def __init__(self, features: int, hidden: int, metric: bool, max_depth: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features // 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(features // 2, hidden, 3, padding=1)
+        self.conv3 = nn.Conv2d(hidden, 1, kernel_size=1)
+        self.metric = metric
+        self.max_depth = float(max_depth)
+
+    def forward(self, x: Tensor, out_size: tuple[int, int]) -> Tensor:
+        x = self.conv1(x)
+        x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=True)
+        x = self.conv3(F.relu(self.conv2(x)))
+        if self.metric:
+            return torch.sigmoid(x).squeeze(1) * self.max_depth
+        return F.relu(x).squeeze(1)
+
+
+class DPTDecoder(nn.Module):
+    RESIZES = ("up4", "up2", "none", "down2")
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.reassemble:
+            self.reassemble = nn.ModuleList(
+                Reassemble(cin, cout, resize, cfg.readout)
+                for cin, cout, resize in zip(cfg.in_channels, cfg.reassemble_channels, self.RESIZES)
+            )
+            rn_in = cfg.reassemble_channels
+        else:
+            self.reassemble = None
+            rn_in = cfg.in_channels
+        self.layer_rn = nn.ModuleList(nn.Conv2d(c, cfg.features, 3, padding=1, bias=False) for c in rn_in)
+        self.fusion = nn.ModuleList(FusionBlock(cfg.features) for _ in range(4))
+        self.head = DepthHead(cfg.features, cfg.head_hidden, cfg.metric, cfg.max_depth)
+
+    def reassembled(self, maps: Sequence[Tensor], cls: Optional[Sequence[Tensor]]) -> list[Tensor]:
+        """The four decoder-width maps that enter the fusion blocks (before any scaling)."""
+        if self.reassemble is not None:
+            maps = [r(m, None if cls is None else c) for r, m, c in zip(self.reassemble, maps, cls or [None] * 4)]
+        return [conv(m) for conv, m in zip(self.layer_rn, maps)]
+
+    def fuse(self, layers: Sequence[Tensor], out_size: tuple[int, int],
+             fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
+        if fusion_scales is not None and tuple(fusion_scales) != (1.0, 1.0, 1.0, 1.0):
+            layers = [m * float(s) for m, s in zip(layers, fusion_scales)]
+        sizes = [m.shape[-2:] for m in layers]
+        path = self.fusion[3](layers[3], None, sizes[2])
+        path = self.fusion[2](path, layers[2], sizes[1])
+        path = self.fusion[1](path, layers[1], sizes[0])
+        h0, w0 = sizes[0]
+        path = self.fusion[0](path, layers[0], (2 * h0, 2 * w0))
+        return self.head(path, out_size)
+
+    def forward(self, maps, cls, out_size, fusion_scales=None) -> Tensor:
+        return self.fuse(self.reassembled(maps, cls), out_size, fusion_scales)

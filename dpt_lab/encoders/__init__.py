@@ -1,0 +1,1 @@
+"""Family-specific encoders; each returns encoders.base.EncoderFeatures."""

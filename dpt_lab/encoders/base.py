@@ -1,0 +1,97 @@
+"""The one contract between every family's encoder and the rest of DPT Lab.
+
+An encoder turns a normalized image batch into four feature maps for the shared DPT
+decoder. When asked (an argument of the forward, not a hook), it also records, per
+transformer block, what the norm and attention tools need:
+
+    feats = encoder(x, record=Record(norms=True, attention=True))
+    feats.maps        4 x (B, C_i, h_i, w_i) patch-token maps at the tapped blocks
+    feats.cls         4 x (B, C_i) class token at the taps, or None (no CLS)
+    feats.out_size    (H, W) of the depth map the decoder must produce
+    feats.blocks      one BlockRecord per transformer block, or None when nothing was asked
+
+The code that computes a block's attention is the code that records its inputs, so the
+recorded q/k/bias cannot drift from what the model really does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Record:
+    """What an encoder pass should keep besides the decoder's inputs."""
+
+    norms: bool = False       # L2 norm of every token of the residual stream after each block
+    attention: bool = False   # each block's attention inputs (q, k, bias), enough for any row
+
+
+@dataclass
+class WindowLayout:
+    """How a windowed (SwinV2) block cut its stage grid into attention windows.
+
+    Tokens live on the stage grid (grid_h, grid_w). The block pads the grid at the bottom
+    and right up to (padded_h, padded_w), a multiple of `window`, rolls it by -shift on
+    both axes, and attends inside each window x window tile. Padded tokens are masked
+    out as keys.
+    """
+
+    window: int
+    shift: int
+    grid: tuple[int, int]
+    padded: tuple[int, int]
+
+
+@dataclass
+class BlockRecord:
+    """One transformer block as the norm and attention tools see it.
+
+    Attention logits of block b are  q @ k^T * scale + bias  (then softmax over keys),
+    with q, k of shape (B, heads, N, head_dim) over all tokens of the block (CLS first
+    when the model has one). For windowed blocks (SwinV2) q and k are over the stage grid
+    tokens in row-major order, and logits only exist inside a window (see `window`).
+    """
+
+    grid: tuple[int, int]                     # patch grid this block's tokens live on
+    has_cls: bool
+    token_norms: Optional[Tensor] = None      # (B, N) L2 norm after the block (CLS first)
+    q: Optional[Tensor] = None                # (B, heads, N, d)
+    k: Optional[Tensor] = None                # (B, heads, N, d)
+    scale: Optional[Tensor | float] = None    # float, or (heads, 1, 1) tensor (SwinV2 logit scale)
+    # Position bias, in the family's compact form (never an N x N x heads dense copy):
+    #   BEiT:   rel_table (R, heads) and rel_index (N, N) long, bias = rel_table[rel_index]
+    #   SwinV2: window_bias (heads, window^2, window^2), the same for every window
+    rel_table: Optional[Tensor] = None
+    rel_index: Optional[Tensor] = None
+    window_bias: Optional[Tensor] = None
+    window: Optional[WindowLayout] = None
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.q.shape[1])
+
+
+@dataclass
+class EncoderFeatures:
+    """What `DepthModel.encode` returns: everything `decode` needs, plus any records."""
+
+    maps: list[Tensor]
+    cls: Optional[list[Tensor]]
+    out_size: tuple[int, int]
+    blocks: Optional[list[BlockRecord]] = None
+    input_size: tuple[int, int] = (0, 0)
+    extras: dict = field(default_factory=dict)
+
+    def detach_records(self) -> "EncoderFeatures":
+        """A copy without the per-block records (what the fusion tool caches)."""
+        return EncoderFeatures(self.maps, self.cls, self.out_size, None, self.input_size)
+
+
+def token_norms(x: Tensor) -> Tensor:
+    """(B, N, C) -> (B, N) L2 norm per token, computed in float32."""
+    return torch.linalg.vector_norm(x.float(), dim=-1)

@@ -1,0 +1,162 @@
+"""DINOv2 ViT backbone, as used by Depth-Anything v1, v2 and v2-metric.
+
+    image (B, 3, H, W), H and W multiples of 14
+      -> 14x14 patch conv -> (B, gh*gw, C), CLS token prepended, position embedding added
+         (the 37x37 table is resized bicubically to (gh, gw) exactly as DINOv2 does it)
+      -> L pre-norm blocks: x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x))
+      -> taps: the final LayerNorm applied to the residual stream after 4 chosen blocks
+
+The MLP is GELU (ViT-S/B/L) or SwiGLU (ViT-G).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import BlockRecord, EncoderFeatures, Record, token_norms
+
+
+@dataclass(frozen=True)
+class DinoV2Config:
+    width: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    swiglu: bool
+    taps: tuple[int, ...]
+    patch_size: int = 14
+    pos_grid: int = 37          # the position table is pos_grid x pos_grid (518 / 14)
+    interpolate_offset: float = 0.1
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (width // heads) ** -0.5
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, rec: BlockRecord | None) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if rec is not None:
+            rec.q, rec.k, rec.scale = q, k, self.scale
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DinoV2Config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg.width, cfg.heads)
+        self.ls1 = nn.Parameter(torch.ones(cfg.width))
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.mlp = (SwiGLU if cfg.swiglu else Mlp)(cfg.width, cfg.mlp_hidden)
+        self.ls2 = nn.Parameter(torch.ones(cfg.width))
+
+    def forward(self, x: Tensor, rec: BlockRecord | None = None) -> Tensor:
+        x = x + self.ls1 * self.attn(self.norm1(x), rec)
+        return x + self.ls2 * self.mlp(self.norm2(x))
+
+
+class DinoV2Encoder(nn.Module):
+    has_cls = True
+
+    def __init__(self, cfg: DinoV2Config):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+
+    @property
+    def tile(self) -> int:
+        return self.cfg.patch_size
+
+    def position_embedding(self, gh: int, gw: int) -> Tensor:
+        """The pos table for a gh x gw grid, computed the way DINOv2 does (scale factor
+        with a +0.1 offset, bicubic, no antialias), so numbers match the original."""
+        m = self.cfg.pos_grid
+        if gh == m and gw == m:
+            return self.pos_embed
+        table = self.pos_embed.float()
+        grid = table[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        off = self.cfg.interpolate_offset
+        grid = F.interpolate(grid, scale_factor=((gh + off) / m, (gw + off) / m), mode="bicubic", antialias=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        return torch.cat([table[:, :1], grid], dim=1).to(self.pos_embed.dtype)
+
+    def forward(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
+        b, _, h, w = x.shape
+        p = self.cfg.patch_size
+        gh, gw = h // p, w // p
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        tokens = tokens + self.position_embedding(gh, gw)
+
+        keep_blocks = record.norms or record.attention
+        blocks: list[BlockRecord] | None = [] if keep_blocks else None
+        taps = []
+        last = len(self.blocks) - 1 if keep_blocks else max(self.cfg.taps)
+        for i, block in enumerate(self.blocks[: last + 1]):
+            rec = BlockRecord(grid=(gh, gw), has_cls=True) if keep_blocks else None
+            tokens = block(tokens, rec if record.attention else None)
+            if rec is not None:
+                if record.norms:
+                    rec.token_norms = token_norms(tokens)
+                blocks.append(rec)
+            if i in self.cfg.taps:
+                taps.append(self.norm(tokens))
+
+        maps = [t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw) for t in taps]
+        cls = [t[:, 0] for t in taps]
+        return EncoderFeatures(maps, cls, out_size=(gh * p, gw * p), blocks=blocks, input_size=(h, w))
+
+
+def tap_blocks(depth: int, version: int) -> tuple[int, ...]:
+    """Depth-Anything's tapped blocks: v1 takes the last four; v2 a fixed spread per size."""
+    if version == 1:
+        return tuple(range(depth - 4, depth))
+    spread = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
+    if depth in spread:
+        return spread[depth]
+    step = depth // 4  # not an official size: an even split ending at the last block
+    return tuple(depth - 1 - step * i for i in (3, 2, 1, 0))
+
+
+def pos_grid_from_table(num_positions: int) -> int:
+    side = math.isqrt(num_positions - 1)
+    if side * side != num_positions - 1:
+        raise ValueError(f"position table of {num_positions} entries is not 1 + a square grid")
+    return side

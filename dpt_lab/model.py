@@ -1,0 +1,123 @@
+"""DepthModel: one family-specific encoder, the shared DPT decoder, and the official
+pre/post-processing of that family.
+
+    x, meta = model.preprocess(image)          # official resize + normalize
+    feats = model.encode(x)                    # 4 tapped maps (+ per-block records if asked)
+    depth = model.decode(feats, fusion_scales) # B x H x W
+    model(x) == model.decode(model.encode(x))
+    model.predict(image)                       # H x W float32 numpy at the image's resolution
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .decoder import DPTDecoder
+from .encoders.base import EncoderFeatures, Record
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class ModelInfo:
+    """Everything a tool needs to know about a loaded model, read from its tensors
+    (sizes) and from its file name / config.json (what tensors cannot say)."""
+
+    family: str                 # depth_anything_v1 | depth_anything_v2 | depth_anything_v2_metric | midas_beit | midas_swin2
+    size: str                   # vits | vitb | vitl | vitg | beit_base | beit_large | swin2_tiny | swin2_base | swin2_large
+    patch_size: int             # pixels per token side at the first stage
+    tile: int                   # the input's height and width must be multiples of this
+    base_size: int              # the official processing size (518, 384, 512, 256)
+    multiple: int               # official sizes are rounded to multiples of this
+    resize_rule: str            # lower_bound | minimal | stretch
+    depth_resize: str           # how depth goes back to image size: bilinear_align | bilinear | bicubic
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_blocks: int
+    num_heads: list[int]        # per block
+    tap_blocks: tuple[int, ...]
+    has_cls: bool
+    metric: bool = False
+    max_depth: Optional[float] = None
+    width: int = 0
+    native_grid: tuple[int, int] = (0, 0)
+    window_sizes: Optional[tuple[int, ...]] = None   # SwinV2, per stage
+    layout: str = "original"    # original | hf
+    source: str = ""
+    name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def keep_aspect_default(self) -> bool:
+        return self.resize_rule != "stretch"
+
+    @property
+    def depth_kind(self) -> str:
+        return "metric depth (metres)" if self.metric else "inverse depth (relative)"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class DepthModel(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: DPTDecoder, info: ModelInfo):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.info = info
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def encode(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
+        tile = self.info.tile
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a B x 3 x H x W tensor, got {tuple(x.shape)}")
+        if x.shape[-2] % tile or x.shape[-1] % tile:
+            raise ValueError(f"input height and width must be multiples of {tile}, got {tuple(x.shape[-2:])}")
+        return self.encoder(x, record)
+
+    def decode(self, feats: EncoderFeatures, fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
+        return self.decoder(feats.maps, feats.cls, feats.out_size, fusion_scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # -- images in, depth out (official pipelines; see imaging.py) --------------------
+    def preprocess(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None):
+        from . import imaging
+
+        if keep_aspect is None:
+            keep_aspect = self.info.keep_aspect_default
+        rgb = imaging.load_image(image)
+        rule = self.info.resize_rule if keep_aspect else "stretch"
+        if rule == "stretch" and keep_aspect:
+            rule = "minimal"
+        return imaging.prepare(
+            rgb, target=int(base_size or self.info.base_size), multiple=self.info.multiple, rule=rule,
+            mean=self.info.mean, std=self.info.std, dtype=self.dtype, device=self.device,
+        )
+
+    def postprocess(self, depth: Tensor, meta) -> np.ndarray:
+        from . import imaging
+
+        out = imaging.resize_depth(depth.float(), meta.image_size, mode=self.info.depth_resize)
+        return out.squeeze().cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def predict(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None) -> np.ndarray:
+        x, meta = self.preprocess(image, base_size, keep_aspect)
+        return self.postprocess(self(x), meta)
