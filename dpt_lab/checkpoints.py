@@ -243,6 +243,9 @@ def load_model(source, *, family=None, max_depth=None, device=None, dtype=None, 
     """Load a depth model from an original .pth/.pt, a .safetensors file, a Hugging Face
     -hf folder, or a known model name (see dpt_lab.weights)."""
     path = Path(str(source)).expanduser()
+    looks_like_path = isinstance(source, Path) or "/" in str(source) or path.suffix in (".pth", ".pt", ".safetensors", ".bin")
+    if not path.exists() and looks_like_path:
+        raise CheckpointError(f"{source}: no such file or folder")
     if not path.exists():
         from . import weights
 
