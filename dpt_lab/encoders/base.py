@@ -37,14 +37,20 @@ class WindowLayout:
 
     Tokens live on the stage grid (grid_h, grid_w). The block pads the grid at the bottom
     and right up to (padded_h, padded_w), a multiple of `window`, rolls it by -shift on
-    both axes, and attends inside each window x window tile. Padded tokens are masked
-    out as keys.
+    both axes (only along an axis whose grid is longer than one window: see `shifts`),
+    and attends inside each window x window tile. Padded tokens are masked out as keys.
+    encoders/swin2.py has `window_row` / `window_of` to read a token's window from this.
     """
 
     window: int
     shift: int
     grid: tuple[int, int]
     padded: tuple[int, int]
+
+    @property
+    def shifts(self) -> tuple[int, int]:
+        """The roll actually applied on (rows, cols)."""
+        return (self.shift if self.grid[0] > self.window else 0, self.shift if self.grid[1] > self.window else 0)
 
 
 @dataclass

@@ -108,6 +108,8 @@ class DinoV2Encoder(nn.Module):
         """The pos table for a gh x gw grid, computed the way DINOv2 does (scale factor
         with a +0.1 offset, bicubic, no antialias), so numbers match the original."""
         m = self.cfg.pos_grid
+        if not (isinstance(gh, int) and isinstance(gw, int)):   # symbolic sizes: ONNX export
+            return self._position_embedding_graph(gh, gw)
         if gh == m and gw == m:
             return self.pos_embed
         table = self.pos_embed.float()
@@ -115,6 +117,23 @@ class DinoV2Encoder(nn.Module):
         off = self.cfg.interpolate_offset
         grid = F.interpolate(grid, scale_factor=((gh + off) / m, (gw + off) / m), mode="bicubic", antialias=False)
         grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        return torch.cat([table[:, :1], grid], dim=1).to(self.pos_embed.dtype)
+
+    def _position_embedding_graph(self, gh, gw) -> Tensor:
+        """position_embedding for sizes only known when the graph runs (torch.export
+        SymInts or traced tensors): the same bicubic resize as two matrix products whose
+        weights, and the scale factor (g + 0.1) / 37, are computed from the sizes in the
+        graph; the unresized table where gh = gw = 37, as above."""
+        m = self.cfg.pos_grid
+        table = self.pos_embed.float()
+        grid = table[0, 1:].reshape(m, m, -1).permute(2, 0, 1)               # (C, m, m)
+        rows = _cubic_matrix(gh, m, self.cfg.interpolate_offset)            # (gh, m)
+        cols = _cubic_matrix(gw, m, self.cfg.interpolate_offset)            # (gw, m)
+        native = (_size_tensor(gh) == m) & (_size_tensor(gw) == m)
+        rows = torch.where(native, _identity(gh, m), rows)
+        cols = torch.where(native, _identity(gw, m), cols)
+        grid = rows @ grid @ cols.t()                                       # (C, gh, gw)
+        grid = grid.permute(1, 2, 0).reshape(1, -1, table.shape[-1])
         return torch.cat([table[:, :1], grid], dim=1).to(self.pos_embed.dtype)
 
     def forward(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
@@ -142,6 +161,41 @@ class DinoV2Encoder(nn.Module):
         maps = [t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw) for t in taps]
         cls = [t[:, 0] for t in taps]
         return EncoderFeatures(maps, cls, out_size=(gh * p, gw * p), blocks=blocks, input_size=(h, w))
+
+
+def _size_tensor(n) -> Tensor:
+    """A grid size (int, SymInt or 0-dim traced tensor) as a float64 0-dim tensor."""
+    if isinstance(n, Tensor):
+        return n.to(torch.float64)
+    return torch.scalar_tensor(n, dtype=torch.float64)
+
+
+def _identity(n_out, n_in: int) -> Tensor:
+    """(n_out, n_in) float32, 1 where row == column (the identity when n_out == n_in)."""
+    return (torch.arange(n_out)[:, None] == torch.arange(n_in)[None, :]).to(torch.float32)
+
+
+def _cubic_matrix(n_out, n_in: int, offset: float) -> Tensor:
+    """(n_out, n_in) float32 weights of torch's bicubic resize (A = -0.75, half-pixel,
+    edges clamped, no antialias) with scale_factor (n_out + offset) / n_in, written with
+    tensor ops only so n_out may be symbolic. The source step n_in / (n_out + offset) is
+    computed in float64 and rounded to float32, as the kernel does."""
+    step = (n_in / (_size_tensor(n_out) + offset)).to(torch.float32)
+    src = (torch.arange(n_out, dtype=torch.float32) + 0.5) * step - 0.5
+    base = torch.floor(src)
+    t = src - base
+    a = -0.75
+
+    def near(d):
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far((1 - t) + 1)], dim=1)   # (n_out, 4)
+    taps = (base[:, None] + torch.arange(-1, 3, dtype=torch.float32)).clamp(0, n_in - 1)
+    onehot = (taps[:, :, None] == torch.arange(n_in, dtype=torch.float32)).to(torch.float32)
+    return (weights[:, :, None] * onehot).sum(dim=1)
 
 
 def tap_blocks(depth: int, version: int) -> tuple[int, ...]:
