@@ -252,7 +252,7 @@ def load_model(source, *, family=None, max_depth=None, device=None, dtype=None, 
         try:
             path = weights.locate(str(source), weights_dir=weights_dir, progress=progress)
         except weights.UnknownModelError as exc:
-            raise CheckpointError(str(exc.args[0] if exc.args else exc)) from None
+            raise CheckpointError(str(exc)) from None
     hints = LoadHints(family=normalize_family(family), max_depth=None if max_depth is None else float(max_depth))
     model = build_model(read_checkpoint(path), hints)
     model.info.source = str(path)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .errors import DPTLabError
+
 __all__ = [
     "KnownModel",
     "LocalWeights",
@@ -64,11 +66,11 @@ DEFAULT_WEIGHTS_DIR = "model_weights"
 ENV_WEIGHTS = "DPT_LAB_WEIGHTS"
 
 
-class WeightsError(ValueError):
+class WeightsError(DPTLabError, ValueError):
     """A checkpoint could not be found, fetched, or a local name was refused."""
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(WeightsError, KeyError):
     """A name that is neither an existing path, a local checkpoint nor a known model."""
 
     def __init__(self, name: str, suggestions: tuple[str, ...] = ()):
