@@ -33,6 +33,7 @@ a grid of coloured tiles (one per head plus their mean), used by the app and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import operator
 import sys
@@ -107,6 +108,24 @@ class _Layer:
     @property
     def n(self) -> int:
         return int(self.q.shape[1])
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Run a small CPU computation (one row or column: a few hundred kFLOP) on the calling
+    thread alone. Split over the intra-op threads it gains nothing, and on a busy machine
+    each parallel region waits until every thread of the team is scheduled, which made a
+    row take a scheduler slice (~16 ms) instead of ~1 ms. torch.set_num_threads acts on
+    the calling thread's OpenMP / MKL settings; the previous count is restored."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _owns_storage(t: Tensor) -> bool:
@@ -272,7 +291,7 @@ class AttentionProbe:
         """(heads, N) float32: softmax-normalised attention of `token` over the layer's tokens."""
         l = self._layer(layer)
         i = self._check_token(l, layer, token)
-        with torch.inference_mode():
+        with torch.inference_mode(), _one_thread(l.q.device):
             if l.window is not None:
                 return _window_row(l, i, self.batch)
             k = l.k.float()
@@ -286,10 +305,10 @@ class AttentionProbe:
         """(heads, N) float32: entry [h, i] is row(layer, i)[h, token]."""
         l = self._layer(layer)
         j = self._check_token(l, layer, token)
-        with torch.inference_mode():
+        lse = None if l.window is not None else self.row_normalizers(layer)   # (multi-threaded, once per layer)
+        with torch.inference_mode(), _one_thread(l.q.device):
             if l.window is not None:
                 return _window_column(l, j)
-            lse = self.row_normalizers(layer)
             q = l.q.float()
             kj = l.k[:, j].float().unsqueeze(-1)                    # (heads, d, 1)
             logits = torch.bmm(q, kj).squeeze(-1).mul_(l.scale)      # (heads, N) over queries
@@ -325,9 +344,11 @@ class AttentionProbe:
 
 
 @torch.inference_mode()
-def capture(model, x: Tensor, *, batch: int = 0) -> AttentionProbe:
+def capture(model, x: Tensor, *, batch: int = 0, norms: bool = False) -> AttentionProbe:
     """One recorded encoder pass of `model` on `x` (B x 3 x H x W, normalised as by
-    model.preprocess); the probe explores image `batch` of the batch.
+    model.preprocess); the probe explores image `batch` of the batch. With norms=True the
+    same pass also records every block's token norms (probe.features for
+    norms.norms_from_features), so one encode serves the attention and norm tools.
 
     Each block's q / k are compacted as soon as the block has run (its qkv output, v
     included, is freed then), so the pass holds about what the probe keeps."""
@@ -336,7 +357,7 @@ def capture(model, x: Tensor, *, batch: int = 0) -> AttentionProbe:
     encoder = getattr(model, "encoder", None)
     handles = _compaction_hooks(encoder) if isinstance(encoder, torch.nn.Module) else []
     try:
-        features = model.encode(x, Record(attention=True))
+        features = model.encode(x, Record(attention=True, norms=bool(norms)))
     finally:
         for h in handles:
             h.remove()

@@ -14,6 +14,11 @@ feeding that fusion block a zero map; (1, 1, 1, 1) is the unmodified model.
 Depth-Anything and MiDaS 3.1 differ only in data: which readout (ignore / project),
 whether there are reassemble convs (SwinV2 has none), the head's hidden width, and the
 head's last activation (sigmoid * max_depth for metric Depth-Anything).
+
+On the CPU (float32, no autograd) the convolutions run channels-last through oneDNN with
+their ReLU / residual add fused in (fastpath.py); each fusion block applies its 1x1
+out_conv before the bilinear upsampling instead of after it (the two commute: bilinear
+weights sum to 1), on a quarter of the pixels. Both change only float rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import fastpath
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,20 @@ class Reassemble(nn.Module):
             self.resize = nn.Identity()
 
     def forward(self, fmap: Tensor, cls: Optional[Tensor]) -> Tensor:
+        fast = fastpath.active(fmap, self)
         if self.readout_proj is not None:
             b, c, h, w = fmap.shape
             tokens = fmap.flatten(2).transpose(1, 2)                     # (B, N, C)
             readout = cls[:, None, :].expand(-1, tokens.shape[1], -1)
-            tokens = F.gelu(self.readout_proj(torch.cat([tokens, readout], dim=-1)))
-            fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
+            tokens = torch.cat([tokens, readout], dim=-1)
+            if fast:
+                tokens = fastpath.linear_gelu(self.readout_proj, tokens)
+                fmap = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)     # channels-last view
+            else:
+                tokens = F.gelu(self.readout_proj(tokens))
+                fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
+        if fast:
+            return self.resize(fastpath.conv(self.project, fastpath.channels_last(fmap)))
         return self.resize(self.project(fmap))
 
 
@@ -70,8 +85,16 @@ class ResidualConvUnit(nn.Module):
         self.conv1 = nn.Conv2d(features, features, 3, padding=1)
         self.conv2 = nn.Conv2d(features, features, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(F.relu(self.conv1(F.relu(x)))) + x
+    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        """conv2(relu(conv1(relu(x)))) + x (+ add, if given: the fusion block's other input)."""
+        if fastpath.active(x, self):
+            x = fastpath.channels_last(x)
+            if add is not None:
+                add = x + add
+            h = fastpath.conv(self.conv1, F.relu(x), relu=True)
+            return fastpath.conv(self.conv2, h, add=x if add is None else add)
+        out = self.conv2(F.relu(self.conv1(F.relu(x)))) + x
+        return out if add is None else add + out
 
 
 class FusionBlock(nn.Module):
@@ -85,13 +108,21 @@ class FusionBlock(nn.Module):
 
     def forward(self, x: Tensor, skip: Optional[Tensor], size: tuple[int, int]) -> Tensor:
         if skip is not None:
-            x = x + self.rcu1(skip)
+            x = self.rcu1(skip, add=x)          # x + rcu1(skip)
         x = self.rcu2(x)
+        # out_conv is 1x1 and bilinear weights sum to 1, so conv-then-resize equals
+        # resize-then-conv; upsampling, the conv runs on the smaller map (on any device;
+        # fastpath.disabled() restores the original order)
+        if fastpath.ENABLED and size[0] * size[1] > x.shape[-2] * x.shape[-1]:
+            x = fastpath.conv(self.out_conv, x) if fastpath.active(x, self) else self.out_conv(x)
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.out_conv(x)
 
 
 class DepthHead(nn.Module):
+    BAND_ROWS = 64     # CPU fast path: output rows per band (see _fast_tail)
+
     def __init__(self, features: int, hidden: int, metric: bool, max_depth: float):
         super().__init__()
         self.conv1 = nn.Conv2d(features, features // 2, 3, padding=1)
@@ -101,12 +132,40 @@ class DepthHead(nn.Module):
         self.max_depth = float(max_depth)
 
     def forward(self, x: Tensor, out_size: tuple[int, int]) -> Tensor:
+        if fastpath.active(x, self):
+            return self._fast_tail(fastpath.conv(self.conv1, fastpath.channels_last(x)), out_size)
         x = self.conv1(x)
         x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=True)
         x = self.conv3(F.relu(self.conv2(x)))
         if self.metric:
             return torch.sigmoid(x).squeeze(1) * self.max_depth
         return F.relu(x).squeeze(1)
+
+    def _fast_tail(self, x: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """upsample -> conv2 -> ReLU -> conv3 -> activation, in bands of output rows.
+
+        At full resolution each of these maps is tens of MB (518 x 518 x 32 floats: 34 MB),
+        allocated fresh (page faults) and streamed through memory once per op. A band of
+        BAND_ROWS rows stays in cache: its upsampled rows (one more on each side for the
+        3x3 conv, zero rows at the image edges as conv2's padding) are blended from the two
+        source rows the align_corners bilinear resize reads, then resized along the width
+        by F.interpolate (the row count unchanged, so rows are copied as they are)."""
+        b, c, h, w = x.shape
+        height, width = int(out_size[0]), int(out_size[1])
+        src = x.permute(0, 2, 3, 1)                                   # (B, h, w, C), contiguous
+        lo, hi, weight = fastpath.bilinear_rows(h, height)
+        out = torch.empty(b, height, width, dtype=x.dtype, device=x.device)
+        for r0 in range(0, height, self.BAND_ROWS):
+            r1 = min(height, r0 + self.BAND_ROWS)
+            a, e = max(r0 - 1, 0), min(r1 + 1, height)
+            rows = torch.lerp(src.index_select(1, lo[a:e]), src.index_select(1, hi[a:e]), weight[a:e].view(1, -1, 1, 1))
+            band = F.interpolate(rows.permute(0, 3, 1, 2), size=(e - a, width), mode="bilinear", align_corners=True)
+            if r0 == 0 or r1 == height:
+                band = fastpath.channels_last(F.pad(band, (0, 0, int(r0 == 0), int(r1 == height))))
+            y = fastpath.conv(self.conv2, band, relu=True, padding=(0, self.conv2.padding[1]))
+            y = fastpath.conv(self.conv3, y, relu=not self.metric)
+            out[:, r0:r1] = torch.sigmoid(y[:, 0]) * self.max_depth if self.metric else y[:, 0]
+        return out
 
 
 class DPTDecoder(nn.Module):

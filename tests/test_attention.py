@@ -90,6 +90,22 @@ def test_column_is_row_transposed_and_rows_sum_to_one(vits_probe):
             assert torch.allclose(probe.column(layer, i)[:, j], probe.row(layer, j)[:, i], atol=1e-6, rtol=1e-5)
 
 
+def test_rows_and_columns_run_on_the_calling_thread_alone(vits_probe, monkeypatch):
+    """A row is a few hundred kFLOP: split over intra-op threads it only waits for them
+    (a scheduler slice on a busy machine). The thread count is restored afterwards."""
+    probe, _ = vits_probe
+    before = torch.get_num_threads()
+    probe.row_normalizers(4)
+    seen = []
+    softmax, exp = torch.softmax, torch.exp
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: seen.append(torch.get_num_threads()) or softmax(*a, **k))
+    monkeypatch.setattr(torch, "exp", lambda *a, **k: seen.append(torch.get_num_threads()) or exp(*a, **k))
+    probe.row(4, 7)
+    probe.column(4, 7)
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before
+
+
 def test_capture_is_one_encode_and_keeps_features(vits, monkeypatch):
     calls = []
     encode = vits.encode

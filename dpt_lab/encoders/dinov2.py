@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fastpath
 from .base import BlockRecord, EncoderFeatures, Record, token_norms
 
 
@@ -44,11 +45,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rec: BlockRecord | None) -> Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        fast = fastpath.active(x, self)
+        qkv = fastpath.linear(self.qkv, x) if fast else self.qkv(x)
+        q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         if rec is not None:
             rec.q, rec.k, rec.scale = q, k, self.scale
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, n, c)
+        return fastpath.linear(self.proj, out) if fast else self.proj(out)
 
 
 class Mlp(nn.Module):
@@ -58,6 +61,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fastpath.active(x, self):
+            return fastpath.linear(self.fc2, fastpath.linear(self.fc1, x, gelu=True))
         return self.fc2(F.gelu(self.fc1(x)))
 
 
@@ -83,6 +88,9 @@ class Block(nn.Module):
         self.ls2 = nn.Parameter(torch.ones(cfg.width))
 
     def forward(self, x: Tensor, rec: BlockRecord | None = None) -> Tensor:
+        if fastpath.active(x, self):    # x + ls * y in one pass
+            x = torch.addcmul(x, self.ls1, self.attn(self.norm1(x), rec))
+            return torch.addcmul(x, self.ls2, self.mlp(self.norm2(x)))
         x = x + self.ls1 * self.attn(self.norm1(x), rec)
         return x + self.ls2 * self.mlp(self.norm2(x))
 
