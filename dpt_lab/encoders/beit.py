@@ -54,8 +54,10 @@ def relative_position_index(grid: tuple[int, int], device=None) -> Tensor:
     """(N, N) long, N = gh*gw + 1 (CLS first): the row of the (resized) bias table that
     token i reads for key j. Same values as timm's / MiDaS's `relative_position_index`."""
     gh, gw = grid
-    rows = torch.arange(gh, device=device).repeat_interleave(gw)     # row of each patch token
-    cols = torch.arange(gw, device=device).repeat(gh)                # column of each patch token
+    token = torch.arange(gh * gw, device=device)
+    rows = token // gw                  # row of each patch token
+    cols = token - rows * gw            # column (repeat_interleave and % of a symbolic size
+                                        # do not export correctly with the ONNX dynamo exporter)
     dh = rows[:, None] - rows[None, :] + (gh - 1)
     dw = cols[:, None] - cols[None, :] + (gw - 1)
     r = num_relative(grid)
@@ -73,8 +75,8 @@ def resize_table(table: Tensor, window: tuple[int, int], grid: tuple[int, int]) 
     MiDaS reshapes the sub-table to (old_w, old_h) before interpolating to (new_h, new_w);
     its windows are always square, where that equals the row-major (old_h, old_w) used
     here (the only reading consistent with how the index addresses the table)."""
-    if tuple(grid) == tuple(window):
-        return table
+    if all(isinstance(g, int) for g in grid) and tuple(grid) == tuple(window):
+        return table    # (while exporting, the grid is symbolic: always resize; 1:1 is exact)
     (wh, ww), (gh, gw) = window, grid
     heads = table.shape[1]
     old = 2 * wh - 1, 2 * ww - 1

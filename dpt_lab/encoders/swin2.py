@@ -133,7 +133,15 @@ def axis_shifts(layout: WindowLayout) -> tuple[int, int]:
     """The roll actually applied on (rows, cols): none along an axis that fits in one
     window (= WindowLayout.shifts, written without a branch on the sizes so that an
     export with dynamic height / width keeps the rule instead of freezing one case)."""
-    return tuple(layout.shift * torch.sym_min(torch.sym_max(g - layout.window, 0), 1) for g in layout.grid)
+    return tuple(layout.shift * _clamp01(g - layout.window) for g in layout.grid)
+
+
+def _clamp01(n):
+    """min(max(n, 0), 1) of an int, a SymInt (torch.export) or a traced 0-dim tensor
+    (the TorchScript ONNX exporter, whose sizes are tensors; sym_min rejects those)."""
+    if isinstance(n, Tensor):
+        return n.clamp(0, 1)
+    return torch.sym_min(torch.sym_max(n, 0), 1)
 
 
 def _regions(n: int, window: int, shift: int, device) -> Tensor:
