@@ -1,12 +1,16 @@
 """Fusion scaling: multiply each of the four DPT fusion inputs and re-run only the decoder.
 
 Factor i multiplies the reassembled map that enters fusion block i (the output of the
-decoder's 3x3 `layer_rn[i]` conv), for every family alike:
-    factor 1: finest map (1/4 of the ViT patch grid's resolution x 4, e.g. 148x148 at 518)
-    factor 2: 2x the patch grid        factor 3: the patch grid        factor 4: coarsest (1/2)
+decoder's 3x3 `layer_rn[i]` conv, decoder width), for every family alike:
+    factor 1: the finest map, 4x the ViT patch grid   (DA at 518: 148x148; BEiT at 384: 96x96; SwinV2: input / 4)
+    factor 2: 2x the patch grid                       (74x74; 48x48; input / 8)
+    factor 3: the patch grid                          (37x37; 24x24; input / 16)
+    factor 4: the coarsest, half the patch grid       (19x19; 12x12; input / 32)
 0 feeds that fusion block a zero map (its contribution is gone), 1 is the model as
 trained; negative or large factors give glitch art. Only `model.decode` runs: the encoder
-features are computed once per image, model and size.
+features are computed once per image, model and size, and `model.decode` keeps the four
+layer_rn outputs with them (DepthModel.fusion_inputs), so a new set of factors runs only
+the fusion blocks and the head.
 """
 
 from __future__ import annotations
@@ -113,7 +117,9 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--out", required=True, help="depth .png (or .gif with --sweep)")
     p.add_argument("--cmap", default="turbo")
     p.add_argument("--base-size", type=int, default=None)
-    p.add_argument("--stretch", action="store_true", help="stretch to a square instead of keeping the aspect")
+    aspect = p.add_mutually_exclusive_group()
+    aspect.add_argument("--stretch", action="store_true", help="stretch to a square instead of keeping the aspect")
+    aspect.add_argument("--keep-aspect", action="store_true", help="keep the aspect (default except for SwinV2)")
     p.set_defaults(func=run_cli)
 
 
@@ -123,16 +129,25 @@ def run_cli(args) -> None:
     from . import imaging
     from .checkpoints import load_model
 
+    # the factors are checked before the (slow) load and encode
+    if args.sweep:
+        try:
+            layer, start, stop = int(args.sweep[0]), float(args.sweep[1]), float(args.sweep[2])
+        except ValueError:
+            raise FusionError(f"--sweep takes LAYER (1..4) FROM TO, got {' '.join(args.sweep)}") from None
+        sweep_scales(layer, start, stop, args.frames)
+    else:
+        scales = parse_scales(args.scales)
     model = load_model(args.model)
-    x, meta = model.preprocess(args.image, base_size=args.base_size, keep_aspect=not args.stretch or None)
+    keep_aspect = False if args.stretch else (True if args.keep_aspect else None)  # None: the family's default
+    x, meta = model.preprocess(args.image, base_size=args.base_size, keep_aspect=keep_aspect)
     with torch.inference_mode():
         feats = model.encode(x)
     if args.sweep:
-        layer, start, stop = int(args.sweep[0]), float(args.sweep[1]), float(args.sweep[2])
         frames = render_sweep(model, feats, meta, layer, start, stop, args.frames, args.cmap)
         save_gif(frames, args.out)
         print(f"wrote {len(frames)} frames to {args.out} (factor {layer}: {start:g} -> {stop:g}, one encode)")
         return
-    depth = model.postprocess(scaled_depth(model, feats, parse_scales(args.scales)), meta)
+    depth = model.postprocess(scaled_depth(model, feats, scales), meta)
     Image.fromarray(imaging.colorize(depth, args.cmap)).save(args.out)
     print(f"wrote {args.out} ({depth.shape[1]}x{depth.shape[0]}, factors {args.scales})")

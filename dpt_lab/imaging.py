@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -150,7 +151,11 @@ def _open_pil(fp: Any, what: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{what} is too large: over the limit of {_fmt_pixels(max_pixels)} ({_first_line(e)})") from None
+        # PIL refuses from the header before we see the size; its message has the pixel count
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({_fmt_pixels(int(found.group(1)))})" if found else ""
+        raise ImageError(f"{what} is too large{size}: over the limit of {_fmt_pixels(max_pixels)}; "
+                         f"downscale it first") from None
     except UnidentifiedImageError:
         raise ImageError(f"{what} is not an image in a format DPT Lab can read (PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
     except FileNotFoundError:

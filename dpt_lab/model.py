@@ -67,6 +67,13 @@ class ModelInfo:
         return asdict(self)
 
 
+def _same_objects(a, b) -> bool:
+    """Identity (not equality) of two nested tuples of objects."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_objects(x, y) for x, y in zip(a, b))
+    return a is b
+
+
 class DepthModel(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: DPTDecoder, info: ModelInfo):
         super().__init__()
@@ -91,10 +98,35 @@ class DepthModel(nn.Module):
         return self.encoder(x, record)
 
     def decode(self, feats: EncoderFeatures, fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
-        return self.decoder(feats.maps, feats.cls, feats.out_size, fusion_scales)
+        """Depth (B x H x W) from encoder features; `fusion_scales` multiply the four
+        fusion inputs (see decoder.py). The fusion inputs (reassemble + layer_rn, everything
+        before the scaling) are computed once per `feats` and kept in it (`fusion_inputs`),
+        so decoding the same features again, e.g. for a slider change, runs only the fusion
+        blocks and the head. The numbers are those of the uncached decoder exactly."""
+        return self.decoder.fuse(self.fusion_inputs(feats), feats.out_size, fusion_scales)
+
+    def fusion_inputs(self, feats: EncoderFeatures) -> list[Tensor]:
+        """The four decoder-width maps entering the fusion blocks (layer_rn outputs, before
+        any fusion scaling), cached in `feats.extras` under "fusion_inputs".
+
+        The cache is used only by this model's decoder and only while `feats.maps` / `feats.cls`
+        are the same tensor objects (replace them, and it is recomputed; in-place edits of
+        those tensors are not detected). Nothing is cached while autograd records (a cached
+        graph could not be backpropagated twice) or while tracing / compiling (export)."""
+        cls = tuple(feats.cls) if feats.cls is not None else None
+        key = (self.decoder, tuple(feats.maps), cls)
+        cached = feats.extras.get("fusion_inputs")
+        if cached is not None and _same_objects(cached[0], key):
+            return cached[1]
+        layers = self.decoder.reassembled(feats.maps, feats.cls)
+        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            feats.extras["fusion_inputs"] = (key, layers)
+        return layers
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        # the uncached path (same code as decode): a forward never keeps fusion inputs alive
+        feats = self.encode(x)
+        return self.decoder(feats.maps, feats.cls, feats.out_size)
 
     # -- images in, depth out (official pipelines; see imaging.py) --------------------
     def preprocess(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None):
@@ -115,7 +147,9 @@ class DepthModel(nn.Module):
         from . import imaging
 
         out = imaging.resize_depth(depth.float(), meta.image_size, mode=self.info.depth_resize)
-        return out.squeeze().cpu().numpy().astype(np.float32)
+        if out.dim() == 3 and out.shape[0] == 1:  # one image: H x W (squeeze() would also drop a side of 1)
+            out = out[0]
+        return out.cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
     def predict(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None) -> np.ndarray:
