@@ -1,0 +1,7 @@
+"""`python -m dpt_lab ...`: see dpt_lab/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

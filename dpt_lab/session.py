@@ -1,0 +1,894 @@
+"""What the app keeps between events: models shared by every session, and each session's
+one recorded encode. No Gradio here: app.py wires these plain functions to components,
+and tests call them directly.
+
+    manager = ModelManager(model=None, weights_dir=None, device=None)   # picks the startup model
+    store = FeatureStore(max_bytes=2 << 30)
+    lab = Lab(manager, store)
+    state, view = lab.depth_view(session, image, model_name, base_size, keep_aspect, cmap)
+    lab.attention_at(session, state, x, y, layer, mode, ...)   # x, y: pixels of the original image
+    lab.norms_view(session, state, threshold, block, shared_scale)
+    lab.fusion_view(session, state, (1, 0.5, 0, 1), cmap)
+    lab.export_model(model_name, folder, dynamic=True, fp16=False, ...)
+
+Models (ModelManager). A bounded LRU of loaded models, shared by all sessions and
+thread-safe; each name is loaded once even when several sessions ask for it at the same
+time. The startup model is, in this order: the --model argument; a checkpoint in the
+weights folder; a known model already in the Hugging Face cache; else the
+Depth-Anything-V2-Small architecture with RANDOM weights, flagged untrained, whose banner
+(`manager.banner(name)`) says so on every tab. Names typed into the UI are only accepted
+when they are in the picker (registry names, local checkpoints, the startup model, the
+random model); a local name is resolved with weights.resolve_in_weights_dir, which refuses
+paths out of the weights folder.
+
+Features (FeatureStore). Per session, the encode of the current image: keyed by (model,
+image hash, base size, keep_aspect), an entry holds the preprocessed input and its meta,
+the AttentionProbe of ONE recorded encode (attention q/k and per-block token norms, plus
+the decoder's four feature maps), and the unscaled depth. Every tab reads that entry, so
+switching tab, layer, threshold or fusion factor never re-encodes; a new image, model,
+base size or aspect mode does. The store is an LRU bounded in bytes over all sessions;
+a session's entries are dropped when it ends (Blocks.unload). `store.encodes` counts the
+encoder passes (tests check it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import DPTLabError
+
+RANDOM_MODEL = "depth-anything-v2-small (random weights, untrained)"
+DEFAULT_SESSION = "default"
+DISPLAY_MAX = 1024            # longest side of the clickable / overlay images (pixels)
+TABLE_LIMIT = 500             # outlier rows sent to the browser (the CSV has all norms)
+DEFAULT_CACHE_BYTES = 2 << 30
+PREFERRED = ("depth-anything-v2-small", "depth-anything-v2-base", "depth-anything-v2-large")
+
+ProgressFn = Callable[[float, str], Any]
+
+# UI constants, mirrored here without importing torch so that the app's page is built and
+# served before torch loads (tests/test_session.py checks they equal the originals).
+COLORMAPS = ("turbo", "viridis", "inferno", "magma", "plasma", "spectral", "gray")     # imaging.COLORMAPS
+FUSION_LABELS = (                                                                       # fusion.LAYER_LABELS
+    "1 · finest (4x patch grid): detail",
+    "2 · fine (2x patch grid)",
+    "3 · coarse (patch grid)",
+    "4 · coarsest (1/2 patch grid): layout",
+)
+FUSION_RANGE = (-5.0, 5.0)                                               # fusion.SCALE_MIN, SCALE_MAX
+FUSION_PRESETS = ("reset", *(f"solo {i}" for i in range(1, 5)), *(f"drop {i}" for i in range(1, 5)))  # fusion.PRESETS
+
+
+class SessionError(DPTLabError, ValueError):
+    """A request the app cannot answer as asked (no image yet, unknown model, a click
+    outside the image, an out-of-range control), and why, in one line."""
+
+
+# -- the random model ----------------------------------------------------------------------
+def build_random_model(seed: int = 0, device=None):
+    """Depth-Anything-V2-Small (ViT-S/14, 12 blocks, DPT decoder 64 features) with random
+    weights: every tensor is seeded noise scaled by its fan-in (the same recipe for every
+    run, so pictures are reproducible), layer scales 0.2, and a positive output bias so the
+    final ReLU does not flatten the map. It shows what the tools do, nothing about depth."""
+    import torch
+
+    from .decoder import DecoderConfig, DPTDecoder
+    from .encoders.dinov2 import DinoV2Config, DinoV2Encoder, tap_blocks
+    from .model import IMAGENET_MEAN, IMAGENET_STD, DepthModel, ModelInfo
+
+    cfg = DinoV2Config(width=384, depth=12, heads=6, mlp_hidden=1536, swiglu=False, taps=tap_blocks(12, 2))
+    dec = DecoderConfig(in_channels=(384,) * 4, reassemble_channels=(48, 96, 192, 384), features=64,
+                        readout="ignore", head_hidden=32)
+    info = ModelInfo(
+        family="depth_anything_v2", size="vits", patch_size=14, tile=14, base_size=518, multiple=14,
+        resize_rule="lower_bound", depth_resize="bilinear_align", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        num_blocks=12, num_heads=[6] * 12, tap_blocks=cfg.taps, has_cls=True, width=384, native_grid=(37, 37),
+        source="random weights (untrained)", name=RANDOM_MODEL,
+        notes=["untrained: random weights, the outputs mean nothing"],
+    )
+    with torch.device("meta"):
+        model = DepthModel(DinoV2Encoder(cfg), DPTDecoder(dec), info)
+    gen = torch.Generator().manual_seed(int(seed))
+    state = {}
+    for key, ref in model.state_dict().items():
+        noise = torch.randn(ref.shape, generator=gen)
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("ls1", "ls2"):
+            value = 0.2 + 0.05 * noise
+        elif leaf in ("pos_embed", "cls_token"):
+            value = 0.1 * noise
+        elif noise.ndim >= 2:
+            value = noise / math.sqrt(math.prod(ref.shape[1:]))
+        elif leaf == "weight":
+            value = 1.0 + 0.1 * noise
+        else:
+            value = 0.1 * noise
+        state[key] = value
+    state["decoder.head.conv3.bias"] = torch.ones_like(state["decoder.head.conv3.bias"])
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False).eval()
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def untrained_banner(folder: Path) -> str:
+    """The plain words shown on every tab while the random model is in use."""
+    return (
+        "⚠️ **Untrained model: random weights.** DPT Lab found no checkpoint, so it runs the "
+        "Depth-Anything-V2-Small architecture with random weights. The depth maps, attention "
+        "maps and norms shown here mean nothing: they only show what the tools do. "
+        "To get real weights: download `depth_anything_v2_vits.pth` from "
+        "https://huggingface.co/depth-anything/Depth-Anything-V2-Small and put it in the weights "
+        f"folder `{folder}` (or set `DPT_LAB_WEIGHTS` / `--weights-dir`), then restart; or run "
+        "`python app.py --model depth-anything-v2-small` where huggingface.co can be reached; or "
+        "pick a model in the list above (it is downloaded when the Hub can be reached)."
+    )
+
+
+# -- models ------------------------------------------------------------------------------
+class ModelManager:
+    """Loaded models shared by every session (bounded LRU, thread-safe, one load per name)."""
+
+    def __init__(self, model: Optional[str] = None, *, weights_dir=None, device=None,
+                 max_models: Optional[int] = None):
+        from . import weights
+
+        self.folder = _absolute(weights.weights_dir(weights_dir))
+        self.device = device
+        self.max_models = max(1, int(max_models or os.environ.get("DPT_LAB_MAX_MODELS") or 2))
+        self._models: "OrderedDict[str, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._trusted: dict[str, Path] = {}       # names given on the command line -> their path
+        self._errors: dict[str, BaseException] = {}
+        self.loads = 0                            # checkpoint loads so far (tests)
+        self.startup, self.startup_reason = self._pick(model)
+
+    # -- which model ---------------------------------------------------------------------
+    def _pick(self, model: Optional[str]) -> tuple[str, str]:
+        from . import weights
+
+        if model is not None and str(model).strip():
+            text = str(model).strip()
+            path = weights.locate(text, weights_dir=self.folder)   # WeightsError / UnknownModelError
+            known = weights.KNOWN_MODELS.get(text)
+            name = known.name if known else text
+            self._trusted[name] = Path(path)
+            return name, f"--model {text} ({path})"
+        local = weights.scan_weights(self.folder)
+        if local:
+            ranked = sorted(local, key=lambda lw: (_rank(lw.known), lw.name.lower()))
+            best = ranked[0]
+            return best.known or best.name, f"checkpoint in the weights folder: {best.path}"
+        for name in sorted(weights.KNOWN_MODELS, key=_rank):
+            km = weights.KNOWN_MODELS[name]
+            try:
+                hit = weights.find_in_cache(km)
+            except Exception:   # noqa: BLE001 - a broken cache is the same as no cache here
+                hit = None
+            if hit is not None:
+                return name, f"known model in the Hugging Face cache: {hit}"
+        return RANDOM_MODEL, f"no checkpoint in {self.folder} and none in the Hugging Face cache"
+
+    def is_untrained(self, name: Optional[str]) -> bool:
+        return name == RANDOM_MODEL
+
+    @property
+    def untrained(self) -> bool:
+        """True when the startup model is the random one."""
+        return self.is_untrained(self.startup)
+
+    def banner(self, name: Optional[str] = None) -> str:
+        """Banner text for model `name` (default: the startup model); '' for trained models."""
+        return untrained_banner(self.folder) if self.is_untrained(name or self.startup) else ""
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the model picker: the startup model, local checkpoints,
+        every known model (tagged local / cached / download), and the random model."""
+        from . import weights
+
+        local = weights.scan_weights(self.folder)
+        local_known = {lw.known for lw in local if lw.known}
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+
+        def add(label: str, value: str):
+            if value not in seen:
+                seen.add(value)
+                out.append((label, value))
+
+        if self.startup in self._trusted:
+            add(f"{self.startup} (command line)", self.startup)
+        for lw in local:
+            if not lw.known:
+                add(f"{lw.name} (weights folder)", lw.name)
+        for name, km in weights.KNOWN_MODELS.items():
+            if name in local_known:
+                tag = "weights folder"
+            elif km.on_hub and _cached(km):
+                tag = "cached"
+            else:
+                tag = "download"
+            add(f"{name} · {km.display_name or name} ({tag})", name)
+        add(RANDOM_MODEL, RANDOM_MODEL)
+        return out
+
+    def validate(self, name) -> str:
+        """The name if the picker offers it (or it is the startup / command-line model),
+        else SessionError. Nothing outside the weights folder is reachable from here."""
+        from . import weights
+
+        if not isinstance(name, str) or not name.strip():
+            raise SessionError("no model chosen: pick one in the model list")
+        name = name.strip()
+        if name == RANDOM_MODEL or name in self._trusted or name in weights.KNOWN_MODELS:
+            return name
+        if any(lw.name == name for lw in weights.scan_weights(self.folder)):
+            return name
+        close = [v for _, v in self.choices() if name.lower() in v.lower()][:3]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise SessionError(f"unknown model {name!r}: pick one from the model list{hint}")
+
+    # -- loading -------------------------------------------------------------------------
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def get(self, name, progress: Optional[ProgressFn] = None):
+        """The loaded model `name`, loading (and downloading) it once if needed."""
+        name = self.validate(name)
+        with self._lock:
+            model = self._models.get(name)
+            if model is not None:
+                self._models.move_to_end(name)
+                return model
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:
+            with self._lock:
+                model = self._models.get(name)
+                if model is not None:
+                    self._models.move_to_end(name)
+                    return model
+            try:
+                model = self._load(name, progress)
+            except BaseException as exc:
+                self._errors[name] = exc
+                raise
+            self._errors.pop(name, None)
+            with self._lock:
+                self._models[name] = model
+                self._models.move_to_end(name)
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+        return model
+
+    def _load(self, name: str, progress: Optional[ProgressFn]):
+        from . import weights
+        from .checkpoints import load_model
+
+        self.loads += 1
+        if name == RANDOM_MODEL:
+            if progress:
+                progress(0.0, "building the random (untrained) model")
+            return build_random_model(device=self.device)
+        family = max_depth = None
+        if name in self._trusted:
+            path = self._trusted[name]
+        elif name in weights.KNOWN_MODELS:
+            km = weights.KNOWN_MODELS[name]
+            family, max_depth = km.family, km.max_depth
+            local = [lw for lw in weights.scan_weights(self.folder) if lw.known == name]
+            path = local[0].path if local else weights.download(km, progress=progress, weights_dir=self.folder)
+        else:
+            path = weights.resolve_in_weights_dir(name, self.folder)
+        if progress:
+            progress(0.99, f"loading {name}")
+        model = load_model(path, family=family, max_depth=max_depth, device=self.device)
+        model.info.name = name
+        return model
+
+    def preload(self, name: Optional[str] = None) -> threading.Thread:
+        """Load `name` (default: the startup model) in a background thread; an error is
+        kept and raised again by the next get()."""
+        target = name or self.startup
+
+        def run():
+            try:
+                self.get(target)
+            except BaseException as exc:   # noqa: BLE001 - reported by get() later
+                print(f"dpt-lab: could not load {target}: {exc}", flush=True)
+
+        t = threading.Thread(target=run, name="dpt-lab-preload", daemon=True)
+        t.start()
+        return t
+
+    def describe(self, name: str) -> str:
+        """One line about a loaded model (loads it if needed)."""
+        info = self.get(name).info
+        grid = "stages" if info.window_sizes else f"patch {info.patch_size}"
+        return (f"**{name}** · {info.family} {info.size} · {info.num_blocks} blocks, {grid} · base size "
+                f"{info.base_size} · {info.depth_kind}")
+
+
+def _rank(known: Optional[str]) -> tuple[int, int]:
+    if known in PREFERRED:
+        return (0, PREFERRED.index(known))
+    return (1, 0) if known else (2, 0)
+
+
+def _cached(km) -> bool:
+    from . import weights
+
+    try:
+        return weights.find_in_cache(km) is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _absolute(p: Path) -> Path:
+    try:
+        return Path(p).resolve()
+    except OSError:
+        return Path(p).absolute()
+
+
+# -- features ------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One image encoded by one model at one size: everything every tab needs."""
+
+    key: tuple                      # (model, image hash, base size, keep_aspect)
+    model_name: str
+    info: Any                       # ModelInfo
+    meta: Any                       # imaging.PreprocessMeta
+    x: Any                          # 1 x 3 x h x w input tensor
+    probe: Any                      # attention.AttentionProbe (its .features: maps, cls, blocks)
+    depth: Any                      # 1 x h x w unscaled depth (decoder output)
+    depth_image: np.ndarray         # H x W float32 at the image's size
+    encode_s: float = 0.0
+    nbytes: int = 0
+    _norms: Any = None
+
+    @property
+    def feats(self):
+        return self.probe.features
+
+    def norms(self):
+        """Per-block token norms from the recorded encode (computed once, no second encode)."""
+        if self._norms is None:
+            from . import norms
+
+            self._norms = norms.norms_from_features(self.feats)
+        return self._norms
+
+
+def _tensor_bytes(objs) -> int:
+    import torch
+
+    seen, total = set(), 0
+    for t in objs:
+        if not isinstance(t, torch.Tensor):
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), str(t.device))
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+def _tensors_in(obj, depth: int = 0):
+    """Tensors inside nested lists / tuples / dicts (e.g. feats.extras caches)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors_in(o, depth + 1)
+    elif depth < 4 and isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors_in(o, depth + 1)
+
+
+def entry_nbytes(entry: Entry) -> int:
+    """Bytes an entry holds: input, depth, decoder maps, per-block records and any cache
+    the model keeps in feats.extras (shared storages counted once)."""
+    feats = entry.feats
+    tensors = [entry.x, entry.depth, *feats.maps, *(feats.cls or [])]
+    for rec in feats.blocks or []:
+        tensors += [rec.q, rec.k, rec.token_norms, rec.rel_table, rec.rel_index, rec.window_bias]
+    tensors += list(_tensors_in(getattr(feats, "extras", None) or {}))
+    return int(_tensor_bytes(tensors) + entry.depth_image.nbytes)
+
+
+class FeatureStore:
+    """Byte-bounded LRU of encodes over all sessions, keyed by (session id, entry key)."""
+
+    def __init__(self, max_bytes: Optional[int] = None, max_per_session: int = 2):
+        env = os.environ.get("DPT_LAB_CACHE_MB")
+        self.max_bytes = int(max_bytes if max_bytes is not None else (int(env) << 20 if env else DEFAULT_CACHE_BYTES))
+        self.max_per_session = max(1, int(max_per_session))
+        self._entries: "OrderedDict[tuple[str, tuple], Entry]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._session_locks: dict[str, threading.RLock] = {}
+        self.encodes = 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def sessions(self) -> set[str]:
+        with self._lock:
+            return {s for s, _ in self._entries}
+
+    def entries(self, session: str) -> list[Entry]:
+        with self._lock:
+            return [e for (s, _), e in self._entries.items() if s == session]
+
+    def get(self, session: str, key: tuple) -> Optional[Entry]:
+        with self._lock:
+            e = self._entries.get((session, key))
+            if e is not None:
+                self._entries.move_to_end((session, key))
+            return e
+
+    def get_or_compute(self, session: str, key: tuple, compute: Callable[[], Entry]) -> Entry:
+        """The entry for (session, key), computing it (once, even with concurrent events of
+        the same session) when missing. Older entries are evicted to stay under max_bytes."""
+        hit = self.get(session, key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            lock = self._session_locks.setdefault(session, threading.RLock())
+        with lock:
+            hit = self.get(session, key)
+            if hit is not None:
+                return hit
+            entry = compute()
+            entry.nbytes = entry_nbytes(entry)
+            with self._lock:
+                self.encodes += 1
+                self._entries[(session, key)] = entry
+                mine = [k for k in self._entries if k[0] == session]
+                for k in mine[:-self.max_per_session]:
+                    del self._entries[k]
+                total = sum(e.nbytes for e in self._entries.values())
+                for k in list(self._entries):
+                    if total <= self.max_bytes or k == (session, key):
+                        continue
+                    total -= self._entries.pop(k).nbytes
+            return entry
+
+    def drop(self, session: str) -> int:
+        """Forget a session's entries (its tab was closed); returns how many."""
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == session]
+            for k in keys:
+                del self._entries[k]
+            self._session_locks.pop(session, None)
+            return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# -- what the tabs show --------------------------------------------------------------------
+@dataclass
+class DepthResult:
+    image: np.ndarray               # H x W x 3 the input as the model saw it (RGB, EXIF applied)
+    view: Any                       # depth.DepthView (colored, colorbar, label)
+    depth: np.ndarray               # H x W float32
+    text: str
+    files: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttentionResult:
+    tiles: np.ndarray
+    marked: np.ndarray              # display-size image with the chosen patch outlined
+    values: np.ndarray              # (heads, N)
+    token: int
+    patch: Optional[tuple[int, int]]
+    layer: int                      # 1-based
+    text: str
+
+
+@dataclass
+class NormsResult:
+    heatmap: Any
+    stats: Any
+    histogram: Any
+    table: list
+    headers: tuple
+    overlay: np.ndarray
+    summary: str
+    result: Any                     # norms.BlockNorms
+    outliers: Any                   # norms.Outliers
+    block: int
+
+
+@dataclass
+class FusionResult:
+    scaled: Any                     # depth.DepthView
+    unscaled: Any
+    difference: np.ndarray
+    depth: np.ndarray               # H x W float32, scaled
+    scales: tuple
+    text: str
+
+
+def new_state() -> dict:
+    """The per-session state the app keeps in gr.State (small, except the image itself)."""
+    return {"image": None, "hash": None, "name": "image", "model": None, "base_size": None,
+            "keep_aspect": None, "click": None, "display": None}
+
+
+def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):
+    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+        raise SessionError(f"{what} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SessionError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise SessionError(f"{what} must be finite, got {value!r}")
+    if integer:
+        if v != int(v):
+            raise SessionError(f"{what} must be a whole number, got {value!r}")
+        v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise SessionError(f"{what} must be between {lo} and {hi}, got {value!r}")
+    return v
+
+
+def _cmap(name) -> str:
+    from . import imaging
+
+    key = str(name or "").strip().lower()
+    if key not in imaging.COLORMAPS:
+        raise SessionError(f"unknown colormap {name!r}; choose one of {', '.join(imaging.COLORMAPS)}")
+    return key
+
+
+def _keep_aspect(value) -> Optional[bool]:
+    """None / 'default' -> model default; True / 'keep' -> keep aspect; False / 'stretch'."""
+    if value is None or isinstance(value, bool):
+        return value
+    key = str(value).strip().lower()
+    if key in ("", "default", "model default", "auto"):
+        return None
+    if key in ("keep", "keep aspect", "keep_aspect", "true", "yes"):
+        return True
+    if key in ("stretch", "false", "no"):
+        return False
+    raise SessionError(f"aspect mode must be 'default', 'keep' or 'stretch', got {value!r}")
+
+
+def _safe_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(name)).stem)[:40].strip("._")
+    return stem or "image"
+
+
+def image_source(image) -> tuple[Any, str]:
+    """(what imaging.load_image takes, a file stem) from what Gradio hands over: a path, a
+    FileData-like dict, a numpy array or a PIL image. None -> SessionError."""
+    if image is None:
+        raise SessionError("no image yet: upload an image (or pick an example) first")
+    if isinstance(image, dict):
+        path = image.get("path")
+        name = image.get("orig_name") or path or "image"
+        if not path:
+            raise SessionError("the upload holds no file: upload the image again")
+        return path, _safe_stem(name)
+    if isinstance(image, (str, os.PathLike)):
+        return image, _safe_stem(image)
+    return image, "image"
+
+
+def _display(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    s = DISPLAY_MAX / max(h, w)
+    if s >= 1:
+        return rgb
+    from PIL import Image
+
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+
+
+class Lab:
+    """The plain functions behind the tabs, over one ModelManager and one FeatureStore."""
+
+    def __init__(self, manager: ModelManager, store: Optional[FeatureStore] = None):
+        self.manager = manager
+        self.store = store or FeatureStore()
+
+    # -- the shared encode ---------------------------------------------------------------
+    def _encode(self, model_name: str, rgb: np.ndarray, base_size: Optional[int], keep_aspect: Optional[bool],
+                key: tuple, progress: Optional[ProgressFn] = None) -> Entry:
+        import torch
+
+        from . import attention
+
+        model = self.manager.get(model_name, progress)
+        t0 = time.perf_counter()
+        x, meta = model.preprocess(rgb, base_size, keep_aspect)
+        with torch.inference_mode():
+            probe = attention.capture(model, x, norms=True)
+            depth = model.decode(probe.features)
+        depth_image = model.postprocess(depth, meta)
+        return Entry(key, model_name, model.info, meta, x, probe, depth, depth_image,
+                     encode_s=time.perf_counter() - t0)
+
+    def entry_key(self, state: dict) -> tuple:
+        """(model, image hash, base size, keep_aspect): what an encode depends on."""
+        return (state["model"], state["hash"], state["base_size"], state["keep_aspect"])
+
+    def entry(self, session: str, state: Optional[dict], progress: Optional[ProgressFn] = None) -> Entry:
+        """The session's encode of its current image (re-encoded only when missing)."""
+        if not state or state.get("image") is None:
+            raise SessionError("no image yet: run the Depth tab on an image first")
+        key = self.entry_key(state)
+        return self.store.get_or_compute(
+            session or DEFAULT_SESSION, key,
+            lambda: self._encode(state["model"], state["image"], state["base_size"], state["keep_aspect"], key,
+                                 progress))
+
+    # -- Depth tab -----------------------------------------------------------------------
+    def depth_view(self, session: str, state: Optional[dict], image, model_name, base_size=None,
+                   keep_aspect=None, cmap="turbo", progress: Optional[ProgressFn] = None
+                   ) -> tuple[dict, DepthResult]:
+        """Load the image, encode it once (recorded: attention, norms, decoder features),
+        and render its depth. Returns the new session state and what the tab shows."""
+        from . import depth as depth_mod
+        from . import imaging
+
+        source, stem = image_source(image)
+        cmap = _cmap(cmap)
+        name = self.manager.validate(model_name)
+        keep = _keep_aspect(keep_aspect)
+        size = None
+        if base_size not in (None, "", 0, "0"):
+            size = _number(base_size, "base size", integer=True, lo=28, hi=2048)
+        rgb = imaging.load_image(source)
+        model = self.manager.get(name, progress)
+        info = model.info
+        size = int(size or info.base_size)
+        keep = info.keep_aspect_default if keep is None else keep
+        digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+        digest.update(repr(rgb.shape).encode())
+        new = dict(new_state() if state is None else state)
+        same_image = new.get("hash") == digest.hexdigest()
+        new.update(image=rgb, hash=digest.hexdigest(), name=stem, model=name, base_size=size, keep_aspect=keep)
+        if not same_image:
+            new["click"] = None
+        new["display"] = None
+        entry = self.entry(session, new, progress)
+        view = depth_mod.render(entry.depth_image, metric=bool(info.metric), cmap=cmap)
+        h, w = rgb.shape[:2]
+        ih, iw = entry.meta.input_size
+        text = (f"{w}x{h} image → {iw}x{ih} model input ({'keep aspect' if keep else 'stretch'}, base size {size}) · "
+                f"{view.label}")
+        return new, DepthResult(rgb, view, entry.depth_image, text)
+
+    def depth_files(self, state: dict, result: DepthResult, folder) -> dict:
+        """16-bit PNG, float32 .npy and coloured PNG of a depth_view result, in `folder`."""
+        from . import depth as depth_mod
+
+        return depth_mod.write_files(result.depth, result.view, folder, f"{state['name']}_depth")
+
+    # -- Attention tab -------------------------------------------------------------------
+    def display_image(self, state: dict) -> np.ndarray:
+        """The image as served for clicking (longest side <= DISPLAY_MAX), cached in state."""
+        if state.get("display") is None:
+            state["display"] = _display(state["image"])
+        return state["display"]
+
+    def display_to_image(self, state: dict, x, y) -> tuple[float, float]:
+        """Pixel (x, y) of the served (display) image -> pixel of the original image."""
+        disp = self.display_image(state)
+        h, w = state["image"].shape[:2]
+        dh, dw = disp.shape[:2]
+        x = _number(x, "x")
+        y = _number(y, "y")
+        return (x + 0.5) * w / dw - 0.5, (y + 0.5) * h / dh - 0.5
+
+    def attention_at(self, session: str, state: Optional[dict], x=None, y=None, layer=None, mode="row",
+                     log_contrast=False, shared_scale=False, cmap="inferno", alpha=0.0, cls=False,
+                     tile_px: int = 160) -> AttentionResult:
+        """Attention of the patch under pixel (x, y) of the original image (or of the CLS
+        token), for every head of `layer` (1-based; None = the last), as tiles. x, y None:
+        the last click, else the image centre. Never re-encodes an encoded image."""
+        from . import attention
+
+        entry = self.entry(session, state)
+        probe = entry.probe
+        n_layers = probe.num_layers
+        layer = n_layers if layer is None or layer == "" else _number(layer, "layer", integer=True, lo=1, hi=n_layers)
+        l0 = layer - 1
+        mode = str(mode or "row").strip().lower()
+        if mode not in ("row", "column"):
+            raise SessionError(f"mode must be 'row' or 'column', got {mode!r}")
+        cmap = _cmap(cmap)
+        alpha = _number(alpha, "overlay alpha", lo=0.0, hi=1.0)
+        h, w = state["image"].shape[:2]
+        if cls:
+            if probe.cls_token is None:
+                raise SessionError("this model has no class token (SwinV2): click a patch instead")
+            token = probe.cls_token
+            state["click"] = "cls"
+        else:
+            if x is None or y is None:
+                last = state.get("click")
+                x, y = last if isinstance(last, tuple) else ((w - 1) / 2, (h - 1) / 2)
+            x = _number(x, "x")
+            y = _number(y, "y")
+            if not (-0.5 <= x < w - 0.5 and -0.5 <= y < h - 0.5):
+                raise SessionError(f"the click ({x:g}, {y:g}) is outside the {w}x{h} image")
+            token = probe.token_at_pixel(entry.meta, x, y, layer=l0)
+            state["click"] = (float(x), float(y))
+        disp = self.display_image(state)
+        tiles, values = attention.attention_view(
+            probe, l0, token, mode=mode, log_contrast=bool(log_contrast), shared_scale=bool(shared_scale),
+            cmap=cmap, alpha=alpha, image=disp if alpha > 0 else None, tile_px=tile_px)
+        grid = probe.grid(l0)
+        patch = probe.patch_of(token, l0)
+        marked = disp if patch is None else attention.mark_patch(disp, None, grid, *patch)
+        where = "CLS token" if patch is None else f"patch row {patch[0]}, col {patch[1]}"
+        window = " · windowed layer (window outlined)" if probe.is_windowed(l0) else ""
+        text = (f"layer {layer}/{n_layers} · {probe.num_heads(l0)} heads · grid {grid[0]}x{grid[1]} · {where} · "
+                f"{'row: where it looks' if mode == 'row' else 'column: who looks at it'}{window}")
+        return AttentionResult(tiles, marked, values, int(token), patch, layer, text)
+
+    # -- Block norms tab -----------------------------------------------------------------
+    def norms_view(self, session: str, state: Optional[dict], threshold="auto", block=None,
+                   shared_scale=True, k=None) -> NormsResult:
+        """Figures, outlier table and overlay from the session's recorded encode."""
+        from . import norms
+
+        entry = self.entry(session, state)
+        result = entry.norms()
+        try:
+            thr = norms.parse_threshold(threshold)
+        except norms.ThresholdError as exc:
+            raise SessionError(str(exc)) from None
+        kwargs = {} if k in (None, "") else {"k": _number(k, "k", lo=0.5, hi=100)}
+        out = norms.find_outliers(result, threshold=thr, **kwargs)
+        n = result.num_blocks
+        block = n if block is None or block == "" else _number(block, "block", integer=True, lo=1, hi=n)
+        overlay = norms.draw_outliers(self.display_image(state), None, result, out)
+        return NormsResult(
+            heatmap=norms.heatmap_figure(result, shared_scale=bool(shared_scale), outliers=out),
+            stats=norms.stats_figure(result, out),
+            histogram=norms.histogram_figure(result, block, out),
+            table=out.table(limit=TABLE_LIMIT), headers=tuple(norms.Outliers.HEADERS), overlay=overlay,
+            summary=norms.summary(result, out), result=result, outliers=out, block=block)
+
+    def norms_histogram(self, session: str, state: Optional[dict], threshold="auto", block=None, k=None):
+        """Only the histogram of one block (the block slider)."""
+        from . import norms
+
+        entry = self.entry(session, state)
+        result = entry.norms()
+        try:
+            thr = norms.parse_threshold(threshold)
+        except norms.ThresholdError as exc:
+            raise SessionError(str(exc)) from None
+        kwargs = {} if k in (None, "") else {"k": _number(k, "k", lo=0.5, hi=100)}
+        out = norms.find_outliers(result, threshold=thr, **kwargs)
+        n = result.num_blocks
+        block = n if block is None or block == "" else _number(block, "block", integer=True, lo=1, hi=n)
+        return norms.histogram_figure(result, block, out)
+
+    def norms_files(self, session: str, state: Optional[dict], folder, threshold="auto", shared_scale=True,
+                    k=None) -> dict:
+        """CSV of every norm and a standalone HTML page of the figures, in `folder`."""
+        from . import norms
+
+        view = self.norms_view(session, state, threshold, None, shared_scale, k)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{state['name']}_norms"
+        csv_path, html_path = folder / f"{stem}.csv", folder / f"{stem}.html"
+        view.result.to_csv(csv_path)
+        page = norms.figures_html(view.heatmap, view.stats, view.histogram,
+                                  title=f"DPT Lab · block norms · {state['name']} · {state['model']}",
+                                  text=view.summary, outliers=view.outliers,
+                                  images=[("outliers on the image (all blocks)", view.overlay)])
+        html_path.write_text(page, encoding="utf-8")
+        return {"csv": csv_path, "html": html_path}
+
+    # -- Fusion tab ----------------------------------------------------------------------
+    def fusion_view(self, session: str, state: Optional[dict], scales: Sequence[float] = (1, 1, 1, 1),
+                    cmap="turbo") -> FusionResult:
+        """Depth with the four fusion factors, from the cached encoder features (only the
+        decoder runs), beside the unscaled depth and their difference."""
+        from . import depth as depth_mod
+        from . import fusion, imaging
+
+        try:
+            scales = fusion.check_scales(scales)
+        except fusion.FusionError as exc:
+            raise SessionError(str(exc)) from None
+        cmap = _cmap(cmap)
+        entry = self.entry(session, state)
+        t0 = time.perf_counter()
+        if tuple(scales) == fusion.IDENTITY:
+            scaled = entry.depth_image
+        else:
+            model = self.manager.get(entry.model_name)
+            scaled = model.postprocess(fusion.scaled_depth(model, entry.feats, scales), entry.meta)
+        dt = time.perf_counter() - t0
+        metric = bool(entry.info.metric)
+        diff = scaled - entry.depth_image
+        m = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
+        diff_img = imaging.colorize(diff, "spectral", vmin=-m, vmax=m) if m > 0 else \
+            np.full(diff.shape + (3,), 128, dtype=np.uint8)
+        text = (f"factors {', '.join(f'{s:g}' for s in scales)} · decoder only: {dt * 1000:.0f} ms "
+                f"(encode was {entry.encode_s * 1000:.0f} ms) · max |difference| {m:.4g}")
+        return FusionResult(depth_mod.render(scaled, metric=metric, cmap=cmap),
+                            depth_mod.render(entry.depth_image, metric=metric, cmap=cmap),
+                            diff_img, scaled, tuple(scales), text)
+
+    @staticmethod
+    def fusion_preset(name) -> tuple:
+        """The four factors of a preset ('reset', 'solo 2', 'drop 4', ...)."""
+        from . import fusion
+
+        if name not in fusion.PRESETS:
+            raise SessionError(f"unknown preset {name!r}; choose one of {', '.join(fusion.PRESETS)}")
+        return tuple(fusion.PRESETS[name])
+
+    @staticmethod
+    def fusion_glitch(seed: Optional[int] = None) -> tuple:
+        """Four random factors far from 1 (fusion.random_glitch)."""
+        from . import fusion
+
+        return tuple(fusion.random_glitch(seed))
+
+    def fusion_files(self, session: str, state: Optional[dict], folder, scales=(1, 1, 1, 1), cmap="turbo") -> dict:
+        from . import depth as depth_mod
+
+        view = self.fusion_view(session, state, scales, cmap)
+        tag = "_".join(f"{s:g}" for s in view.scales)
+        return depth_mod.write_files(view.depth, view.scaled, folder, f"{state['name']}_fusion_{tag}")
+
+    # -- Export tab ----------------------------------------------------------------------
+    def export_model(self, model_name, folder, *, dynamic=True, fp16=False, with_preprocessing=False,
+                     opset=None, base_size=None, progress: Optional[ProgressFn] = None):
+        """Export `model_name` to ONNX in `folder` with dpt_lab.export (verified there);
+        returns its ExportReport. base_size (default the model's): the traced (and, when not
+        dynamic, the fixed) size is base x base; with preprocessing, the size the graph
+        resizes images to."""
+        name = self.manager.validate(model_name)
+        opset = None if opset in (None, "", 0, "0", "auto") else _number(opset, "opset", integer=True, lo=7, hi=30)
+        size = None if base_size in (None, "", 0, "0") else _number(base_size, "base size", integer=True, lo=28,
+                                                                     hi=2048)
+        try:
+            from . import export
+        except ImportError as exc:
+            raise SessionError(f"ONNX export is not available in this installation ({exc})") from None
+        model = self.manager.get(name, progress)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = _safe_stem(name.replace(" ", "_")) + ("-fp16" if fp16 else "") + ("-pre" if with_preprocessing else "")
+        if progress:
+            progress(0.05, f"exporting {name} to ONNX and verifying it with onnxruntime")
+        return export.export_onnx(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),
+                                  with_preprocessing=bool(with_preprocessing), opset=opset, verify=True,
+                                  base_size=size)
