@@ -1,4 +1,20 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def app_server(request, tmp_path_factory):
+    """The real app on a free port, one per test module (tests/app_server.py). A module
+    may set APP_SERVER_OPTIONS = {...} (keyword arguments of app_server.launch)."""
+    from app_server import launch
+
+    options = dict(getattr(request.module, "APP_SERVER_OPTIONS", {}))
+    server = launch(tmp_path_factory.mktemp("app"), **options)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -1,0 +1,263 @@
+"""The app as a person meets it: headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright for Python) on the real app, every tab. One server and one browser page for
+the module; the page loads an example on the Depth tab first, then each test uses a tab.
+Screenshots of every tab go to test-output/browser/ (git-ignored). Set
+DPT_LAB_UPDATE_SCREENSHOT=1 to also copy the Attention tab to docs/screenshot.png."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+ASSET = ROOT / "assets" / "chelsea.jpg"          # 451 x 300, the first example
+BASE = 266                                       # small processing size: fast on CPU
+OUT = ROOT / "test-output" / "browser"
+TIMEOUT_MS = 120_000
+
+pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is missing (.ci/run installs it)")
+
+
+def png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def img_pixels(page, selector: str, index: int = 0) -> np.ndarray:
+    """The pixels of the index-th <img> under selector, fetched as the browser would."""
+    src = page.locator(f"{selector} img").nth(index).get_attribute("src")
+    resp = page.request.get(src)
+    assert resp.ok, (src, resp.status)
+    return png(resp.body())
+
+
+def src_of(page, selector: str, index: int = 0) -> str:
+    return page.locator(f"{selector} img").nth(index).get_attribute("src")
+
+
+def wait_src_change(page, selector: str, old: str | None) -> str:
+    page.wait_for_function("([s, old]) => { const e = document.querySelector(s); return e && e.src && e.src !== old; }",
+                           arg=[f"{selector} img", old], timeout=TIMEOUT_MS)
+    return src_of(page, selector)
+
+
+def wait_text(page, selector: str, needle: str) -> str:
+    page.wait_for_function("([s, t]) => { const e = document.querySelector(s); return e && e.innerText.includes(t); }",
+                           arg=[selector, needle], timeout=TIMEOUT_MS)
+    return page.locator(selector).inner_text()
+
+
+def shot(page, name: str) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_page(app_server):
+    """(page, app_server, page errors): Chromium on the app, the first example loaded."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(app_server.url)
+            page.wait_for_selector("#depth-input")
+            number = page.locator("#base-size input[type=number]")
+            number.fill(str(BASE))
+            number.press("Enter")
+            page.locator("#depth-examples").locator("button, img").first.click()
+            page.wait_for_function("() => document.querySelectorAll('#depth-output img').length == 2")
+            wait_text(page, "#depth-info", f"base size {BASE}")
+            yield page, app_server, errors
+        finally:
+            browser.close()
+
+
+def browser_session(server) -> str:
+    (sess,) = server.lab.store.sessions()          # only the browser uses this server
+    return sess
+
+
+def test_depth_tab_shows_the_depth_of_the_example(browser_page):
+    from dpt_lab import depth as depth_mod
+
+    page, server, errors = browser_page
+    text = page.locator("#depth-info").inner_text()
+    assert "451x300 image → 406x266 model input" in text, text
+    shown_input = img_pixels(page, "#depth-output", 0)
+    shown_depth = img_pixels(page, "#depth-output", 1)
+    with Image.open(ASSET) as im:
+        assert np.array_equal(shown_input, np.asarray(im.convert("RGB")))
+    model = server.manager.get(server.model)
+    want = depth_mod.render(model.predict(str(ASSET), base_size=BASE), metric=False, cmap="turbo").colored
+    assert shown_depth.shape == (300, 451, 3)
+    assert np.array_equal(shown_depth, want)          # the example's own depth, as the app computes it
+    assert page.locator("#depth-colorbar img").count() == 1
+    shot(page, "depth")
+    assert not errors, errors
+
+
+def test_attention_clicks_mark_the_patch_under_the_pointer(browser_page):
+    from dpt_lab import attention
+
+    page, server, errors = browser_page
+    lab = server.lab
+    page.get_by_role("tab", name="Attention").click()
+    wait_text(page, "#attention-info", "patch row")              # the tab renders on its own (image centre)
+    img = page.locator("#attention-image img")
+    natural = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    assert natural == [451, 300]                                 # the clickable image is served at full size
+    (entry,) = lab.store.entries(browser_session(server))
+    grid = entry.probe.grid(11)
+    assert grid == (19, 29)
+    state = {"image": np.asarray(Image.open(ASSET).convert("RGB")), "display": None}
+    key = entry.key
+    state.update(model=key[0], hash=key[1], base_size=key[2], keep_aspect=key[3])
+    tiles_src = src_of(page, "#attention-tiles")
+    seen_tiles = []
+    for want_row, want_col in ((3, 22), (15, 5)):
+        box = img.bounding_box()
+        # the displayed box has the image's aspect (no letterbox): the click maps linearly
+        assert abs(box["width"] / box["height"] - 451 / 300) < 0.01, box
+        # the centre of the wanted patch, in pixels of the served image, then on screen
+        ih, iw = entry.meta.input_size
+        x_img = (want_col + 0.5) * (iw / grid[1]) * 451 / iw - 0.5
+        y_img = (want_row + 0.5) * (ih / grid[0]) * 300 / ih - 0.5
+        sx = box["x"] + (x_img + 0.5) * box["width"] / 451
+        sy = box["y"] + (y_img + 0.5) * box["height"] / 300
+        before = page.locator("#attention-info").inner_text()
+        page.mouse.click(sx, sy)
+        tiles_src = wait_src_change(page, "#attention-tiles", tiles_src)
+        page.wait_for_function("([s, old]) => document.querySelector(s).innerText !== old",
+                               arg=["#attention-info", before])
+        text = page.locator("#attention-info").inner_text()
+        assert f"patch row {want_row}, col {want_col}" in text, text
+        # the patch the app computes for that screen point is the one under the pointer
+        px = (sx - box["x"]) * 451 / box["width"] - 0.5
+        py = (sy - box["y"]) * 300 / box["height"] - 0.5
+        assert attention.patch_at_pixel(entry.meta, grid, px, py) == (want_row, want_col)
+        assert "layer 12/12" in text
+        marked = img_pixels(page, "#attention-image")
+        assert np.array_equal(marked, attention.mark_patch(state["image"], None, grid, want_row, want_col))
+        tiles = img_pixels(page, "#attention-tiles")
+        ref = lab.attention_at(browser_session(server), dict(state), x_img, y_img, 12, "row", False, False,
+                               "inferno", 0.0, False)
+        assert ref.patch == (want_row, want_col)
+        assert np.array_equal(tiles, ref.tiles)
+        seen_tiles.append(tiles)
+    assert not np.array_equal(seen_tiles[0], seen_tiles[1])       # the tile grid changed with the click
+    shot(page, "attention")
+    if os.environ.get("DPT_LAB_UPDATE_SCREENSHOT"):
+        shutil.copy(OUT / "attention.png", ROOT / "docs" / "screenshot.png")
+    assert not errors, errors
+
+
+def session_state(server) -> dict:
+    """A state dict naming the browser session's current encode (for in-process references)."""
+    (entry,) = server.lab.store.entries(browser_session(server))
+    model, digest, base, keep = entry.key
+    return {"image": np.asarray(Image.open(ASSET).convert("RGB")), "display": None, "hash": digest,
+            "model": model, "base_size": base, "keep_aspect": keep, "name": "chelsea"}
+
+
+def test_norms_figure_renders_and_outlier_table_fills(browser_page):
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Block norms").click()
+    # the Plotly figure is drawn in the page: an SVG with one heatmap per block
+    page.wait_for_selector("#norms-heatmap .js-plotly-plot svg.main-svg")
+    page.wait_for_function("() => document.querySelectorAll('#norms-heatmap g.hm').length == 12")
+    summary = page.locator("#norms-summary textarea")
+    page.wait_for_function("() => document.querySelector('#norms-summary textarea').value.startsWith('12 blocks')")
+    assert "grid 19x29" in summary.input_value()
+    # a fixed threshold at the 99th percentile of every norm: a few dozen outliers
+    (entry,) = server.lab.store.entries(browser_session(server))
+    norms = np.concatenate([np.ravel(n) for n in entry.norms().patch_norms])
+    threshold = round(float(np.percentile(norms, 99)), 2)
+    want = server.lab.norms_view(browser_session(server), session_state(server), threshold, 12, True).table
+    assert 0 < len(want) < 500
+    page.locator("#norms-threshold input").fill(str(threshold))
+    page.locator("#norms-threshold-mode").get_by_text("fixed", exact=True).click()
+    cells = "#norms-table [role=gridcell][data-row='0']"            # the grid's first data row
+    page.wait_for_function("(s) => document.querySelectorAll(s).length == 5", arg=cells)
+    first = [c.strip() for c in page.locator(cells).all_inner_texts()]
+    block, row, col, norm = want[0][:4]
+    assert [int(first[0]), int(first[1]), int(first[2])] == [block, row, col], (first, want[0])
+    assert float(first[3]) == pytest.approx(norm, abs=0.01) and float(first[3]) > threshold
+    assert f"{len(want)} outlier" in summary.input_value()
+    shot(page, "norms")
+    assert not errors, errors
+
+
+def test_fusion_slider_drag_changes_depth_and_reset_restores_it(browser_page):
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Fusion scaling").click()
+    wait_text(page, "#fusion-info", "factors 1, 1, 1, 1 ")
+    original = img_pixels(page, "#fusion-scaled")
+    before = src_of(page, "#fusion-scaled")
+    slider = page.locator("#fusion-scale-4 input[type=range]")
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+    x0 = box["x"] + box["width"] * 0.6                   # the thumb: 1 on -5 .. 5
+    page.mouse.move(x0, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.25, y, steps=8)
+    page.mouse.up()
+    value = float(slider.evaluate("e => e.value"))
+    assert value < 0
+    # the last value dragged to is the one shown (no pile-up, no lost final value)
+    wait_text(page, "#fusion-info", f"factors 1, 1, 1, {value:g} ")
+    scaled = img_pixels(page, "#fusion-scaled")
+    assert src_of(page, "#fusion-scaled") != before
+    assert scaled.shape == original.shape and not np.array_equal(scaled, original)
+    ref = server.lab.fusion_view(browser_session(server), session_state(server), (1, 1, 1, value), "turbo")
+    assert np.array_equal(scaled, ref.scaled.colored)
+    shot(page, "fusion")
+    page.locator("#fusion-reset").click()
+    wait_text(page, "#fusion-info", "factors 1, 1, 1, 1 ")
+    assert float(slider.evaluate("e => e.value")) == 1.0
+    assert np.array_equal(img_pixels(page, "#fusion-scaled"), original)
+    assert not errors, errors
+
+
+def test_export_download_runs_in_onnxruntime(browser_page, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Export ONNX").click()
+    page.locator("#export-run").click()
+    link = page.locator("#export-file a")
+    link.wait_for(timeout=300_000)
+    assert page.locator("#export-report textarea").input_value().strip()      # the verification report
+    with page.expect_download() as info:
+        link.first.click()
+    download = info.value
+    assert download.suggested_filename.endswith(".onnx")
+    path = tmp_path / download.suggested_filename
+    download.save_as(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 14 * 9, 14 * 11)).astype(np.float32)
+    (depth,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert depth.shape == (1, 14 * 9, 14 * 11)
+    with torch.inference_mode():
+        want = server.manager.get(server.model)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(depth, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+    shot(page, "export")
+    assert not errors, errors
