@@ -22,16 +22,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .choices import FUSION_IDENTITY as IDENTITY
+from .choices import FUSION_LABELS as LAYER_LABELS
+from .choices import FUSION_MAX as SCALE_MAX
+from .choices import FUSION_MIN as SCALE_MIN
+from .choices import FUSION_PRESETS as PRESETS  # name -> factors, offered by the tab
 from .errors import DPTLabError
-
-LAYER_LABELS = (
-    "1 · finest (4x patch grid): detail",
-    "2 · fine (2x patch grid)",
-    "3 · coarse (patch grid)",
-    "4 · coarsest (1/2 patch grid): layout",
-)
-SCALE_MIN, SCALE_MAX = -5.0, 5.0
-IDENTITY = (1.0, 1.0, 1.0, 1.0)
 
 
 class FusionError(DPTLabError, ValueError):
@@ -61,14 +57,6 @@ def parse_scales(text: str) -> tuple[float, float, float, float]:
 def scaled_depth(model, feats, scales: Sequence[float]) -> torch.Tensor:
     """B x H x W depth from cached encoder features with the four fusion factors."""
     return model.decode(feats, check_scales(scales))
-
-
-# presets the tab offers: name -> factors
-PRESETS = {
-    "reset": IDENTITY,
-    **{f"solo {i + 1}": tuple(1.0 if j == i else 0.0 for j in range(4)) for i in range(4)},
-    **{f"drop {i + 1}": tuple(0.0 if j == i else 1.0 for j in range(4)) for i in range(4)},
-}
 
 
 def random_glitch(seed: int | None = None) -> tuple[float, float, float, float]:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .choices import COLORMAPS
 from .errors import DPTLabError
 
 __all__ = [
@@ -600,11 +601,10 @@ def resize_depth(depth: torch.Tensor, size: tuple[int, int], *, mode: str) -> to
 # output helpers
 # --------------------------------------------------------------------------
 
-#: Colormap names.  Every LUT runs from the low value (cold / dark) at index 0
-#: to the high value (warm / bright) at index 255; plotly's Spectral (red first)
-#: is reversed for that.  Relative models output disparity (large = near), so
-#: near is warm; for metric depth (large = far) pass ``invert=True`` to colorize.
-COLORMAPS = ("turbo", "viridis", "inferno", "magma", "plasma", "spectral", "gray")
+# Colormaps (choices.COLORMAPS): every LUT runs from the low value (cold / dark) at
+# index 0 to the high value (warm / bright) at index 255; plotly's Spectral (red first)
+# is reversed for that. Relative models output disparity (large = near), so near is
+# warm; for metric depth (large = far) pass ``invert=True`` to colorize.
 
 
 def _parse_color(c) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ pre/post-processing of that family.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -68,9 +69,14 @@ class ModelInfo:
 
 
 def _same_objects(a, b) -> bool:
-    """Identity (not equality) of two nested tuples of objects."""
+    """Identity (not equality) of two nested tuples of objects; a weak reference stands
+    for the object it refers to."""
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(_same_objects(x, y) for x, y in zip(a, b))
+    if isinstance(a, weakref.ref):
+        a = a()
+    if isinstance(b, weakref.ref):
+        b = b()
     return a is b
 
 
@@ -114,9 +120,10 @@ class DepthModel(nn.Module):
         those tensors are not detected). Nothing is cached while autograd records (a cached
         graph could not be backpropagated twice) or while tracing / compiling (export)."""
         cls = tuple(feats.cls) if feats.cls is not None else None
-        key = (self.decoder, tuple(feats.maps), cls)
+        # the decoder by weak reference: cached features must not keep an evicted model alive
+        key = (weakref.ref(self.decoder), tuple(feats.maps), cls)
         cached = feats.extras.get("fusion_inputs")
-        if cached is not None and _same_objects(cached[0], key):
+        if cached is not None and _same_objects(cached[0], (self.decoder, *key[1:])):
             return cached[1]
         layers = self.decoder.reassembled(feats.maps, feats.cls)
         if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):

@@ -46,6 +46,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+# the choices offered by the tabs (torch-free: the page is built before torch loads)
+from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
 from .errors import DPTLabError
 
 RANDOM_MODEL = "depth-anything-v2-small (random weights, untrained)"
@@ -57,17 +59,7 @@ PREFERRED = ("depth-anything-v2-small", "depth-anything-v2-base", "depth-anythin
 
 ProgressFn = Callable[[float, str], Any]
 
-# UI constants, mirrored here without importing torch so that the app's page is built and
-# served before torch loads (tests/test_session.py checks they equal the originals).
-COLORMAPS = ("turbo", "viridis", "inferno", "magma", "plasma", "spectral", "gray")     # imaging.COLORMAPS
-FUSION_LABELS = (                                                                       # fusion.LAYER_LABELS
-    "1 · finest (4x patch grid): detail",
-    "2 · fine (2x patch grid)",
-    "3 · coarse (patch grid)",
-    "4 · coarsest (1/2 patch grid): layout",
-)
-FUSION_RANGE = (-5.0, 5.0)                                               # fusion.SCALE_MIN, SCALE_MAX
-FUSION_PRESETS = ("reset", *(f"solo {i}" for i in range(1, 5)), *(f"drop {i}" for i in range(1, 5)))  # fusion.PRESETS
+FUSION_RANGE = (FUSION_MIN, FUSION_MAX)
 
 
 class SessionError(DPTLabError, ValueError):
@@ -557,11 +549,9 @@ def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):
 
 
 def _cmap(name) -> str:
-    from . import imaging
-
     key = str(name or "").strip().lower()
-    if key not in imaging.COLORMAPS:
-        raise SessionError(f"unknown colormap {name!r}; choose one of {', '.join(imaging.COLORMAPS)}")
+    if key not in COLORMAPS:
+        raise SessionError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
     return key
 
 
@@ -828,7 +818,7 @@ class Lab:
         cmap = _cmap(cmap)
         entry = self.entry(session, state)
         t0 = time.perf_counter()
-        if tuple(scales) == fusion.IDENTITY:
+        if tuple(scales) == FUSION_IDENTITY:
             scaled = entry.depth_image
         else:
             model = self.manager.get(entry.model_name)
@@ -848,11 +838,9 @@ class Lab:
     @staticmethod
     def fusion_preset(name) -> tuple:
         """The four factors of a preset ('reset', 'solo 2', 'drop 4', ...)."""
-        from . import fusion
-
-        if name not in fusion.PRESETS:
-            raise SessionError(f"unknown preset {name!r}; choose one of {', '.join(fusion.PRESETS)}")
-        return tuple(fusion.PRESETS[name])
+        if name not in FUSION_PRESETS:
+            raise SessionError(f"unknown preset {name!r}; choose one of {', '.join(FUSION_PRESETS)}")
+        return tuple(FUSION_PRESETS[name])
 
     @staticmethod
     def fusion_glitch(seed: Optional[int] = None) -> tuple:

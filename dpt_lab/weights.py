@@ -3,7 +3,7 @@
 Three places a checkpoint can come from, tried in this order by :func:`locate`:
 
 1. an explicit path that exists;
-2. the local weights folder (``--weights``/argument > ``$DPT_LAB_WEIGHTS`` > ``./model_weights``),
+2. the local weights folder (``--weights-dir``/argument > ``$DPT_LAB_WEIGHTS`` > ``./model_weights``),
    scanned by :func:`scan_weights` for ``.pth``/``.pt``/``.safetensors`` files and
    Hugging Face style folders (``config.json`` + ``model.safetensors``/``pytorch_model.bin``);
 3. a name from :data:`KNOWN_MODELS`: first the weights folder (under the file's own name),
@@ -504,7 +504,7 @@ def _manual_hint(model: KnownModel, folder: Path) -> str:
 
 def _fail(model: KnownModel, folder: Path, why: str) -> WeightsError:
     env = os.environ.get(ENV_WEIGHTS)
-    where = f" (the weights folder; set ${ENV_WEIGHTS} or --weights to use another)" if not env else \
+    where = f" (the weights folder; set ${ENV_WEIGHTS} or --weights-dir to use another)" if not env else \
         f" (the weights folder from ${ENV_WEIGHTS})"
     return WeightsError(
         f"Cannot get model {model.name!r}: {why}. {_manual_hint(model, folder)}{where}."

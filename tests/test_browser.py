@@ -165,6 +165,7 @@ def test_attention_clicks_mark_the_patch_under_the_pointer(browser_page):
     assert not np.array_equal(seen_tiles[0], seen_tiles[1])       # the tile grid changed with the click
     shot(page, "attention")
     if os.environ.get("DPT_LAB_UPDATE_SCREENSHOT"):
+        (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copy(OUT / "attention.png", ROOT / "docs" / "screenshot.png")
     assert not errors, errors
 

@@ -241,6 +241,22 @@ def test_fusion_input_cache_is_per_model_and_per_maps(models):
     assert torch.equal(got.detach(), ref)
 
 
+def test_cached_features_do_not_keep_the_model_alive(tmp_path):
+    """A session's features outlive an evicted model: their cache holds the decoder weakly."""
+    import gc
+    import weakref
+
+    model = dpt_lab.load_model(save_fixture_checkpoint("depth_anything_v2_vits", tmp_path)).eval()
+    with torch.inference_mode():
+        feats = model.encode(small_input("depth_anything_v2_vits"))
+        model.decode(feats, (1, 2, 1, 1))
+    assert "fusion_inputs" in feats.extras
+    alive = weakref.ref(model.decoder)   # the weights (a model is its encoder + decoder)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 # ------------------------------------------------------------------ CLI
 def cli_args(*argv):
     parser = argparse.ArgumentParser()
