@@ -47,3 +47,13 @@ def percentile_ms(values, q: float) -> float:
     values = sorted(values)
     idx = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
     return 1000 * values[idx]
+
+
+def write_results(text: str, out) -> None:
+    """Print a benchmark's Markdown and, when `out` is a path (not ''), write it there."""
+    print(text)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")

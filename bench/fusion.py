@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, median_ms  # noqa: E402  (sets sys.path)
+from common import machine, median_ms, write_results  # noqa: E402  (sets sys.path)
 
 import dpt_lab  # noqa: E402
 from fixtures import save_fixture_checkpoint  # noqa: E402
@@ -189,13 +189,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results.append(bench_layout(name.strip(), args.size, args.runs))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    text = render(results, args)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_results(render(results, args), args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import machine  # noqa: E402  (sets sys.path)
+from common import machine, write_results  # noqa: E402  (sets sys.path)
 
 import dpt_lab  # noqa: E402
 from dpt_lab.imaging import load_image  # noqa: E402
@@ -156,13 +156,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 results.append((stem.strip(), name, bench(model, path, args.runs)))
                 print(f"{stem} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    text = render(results, args)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_results(render(results, args), args.out)
 
 
 if __name__ == "__main__":

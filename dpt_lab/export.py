@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cubic
 from .errors import DPTLabError
 
 __all__ = [
@@ -211,19 +212,7 @@ def graph_cubic_taps(n_in: Tensor, n_out: Tensor) -> tuple[Tensor, Tensor]:
     pos = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).to(torch.float32)
     base = torch.floor(pos)
     t = pos - base
-    a = -0.75
-
-    def near(d):
-        return ((a + 2) * d - (a + 3)) * d * d + 1.0
-
-    def far(d):
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-
-    w0 = far(t + 1.0)
-    w1 = near(t)
-    w2 = near(1.0 - t)
-    w3 = 1.0 - w0 - w1 - w2
-    weights = torch.stack([w0, w1, w2, w3], dim=1)
+    weights = torch.stack(cubic.weights(t, opencv=True), dim=1)
     idx = base.to(torch.int64)[:, None] + torch.arange(-1, 3, dtype=torch.int64)[None, :]
     idx = torch.minimum(torch.clamp(idx, min=0), (n_in - 1).to(torch.int64))
     return idx, weights

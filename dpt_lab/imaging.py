@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from . import cubic
 from .choices import COLORMAPS
 from .errors import DPTLabError
 
@@ -395,20 +396,7 @@ def _cubic_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor
     pos = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
     base = np.floor(pos)
     t = (pos - base).astype(np.float32)
-    a = np.float32(-0.75)
-    one = np.float32(1.0)
-
-    def near(d):  # |d| <= 1: (a+2)|d|^3 - (a+3)|d|^2 + 1
-        return ((a + 2) * d - (a + 3)) * d * d + one
-
-    def far(d):  # 1 < |d| < 2: a|d|^3 - 5a|d|^2 + 8a|d| - 4a
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-
-    w0 = far(t + one)
-    w1 = near(t)
-    w2 = near(one - t)
-    w3 = one - w0 - w1 - w2
-    weights = np.stack([w0, w1, w2, w3], axis=1).astype(np.float32)
+    weights = np.stack(cubic.weights(t, opencv=True), axis=1).astype(np.float32)
     idx = base.astype(np.int64)[:, None] + np.arange(-1, 3, dtype=np.int64)[None, :]
     np.clip(idx, 0, in_size - 1, out=idx)  # edge pixels replicated
     return torch.from_numpy(idx.reshape(-1)), torch.from_numpy(weights)

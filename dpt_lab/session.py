@@ -751,16 +751,7 @@ class Lab:
         """Figures, outlier table and overlay from the session's recorded encode."""
         from . import norms
 
-        entry = self.entry(session, state)
-        result = entry.norms()
-        try:
-            thr = norms.parse_threshold(threshold)
-        except norms.ThresholdError as exc:
-            raise SessionError(str(exc)) from None
-        kwargs = {} if k in (None, "") else {"k": _number(k, "k", lo=0.5, hi=100)}
-        out = norms.find_outliers(result, threshold=thr, **kwargs)
-        n = result.num_blocks
-        block = n if block is None or block == "" else _number(block, "block", integer=True, lo=1, hi=n)
+        result, out, block = self._norms_outliers(session, state, threshold, block, k)
         overlay = norms.draw_outliers(self.display_image(state), None, result, out)
         return NormsResult(
             heatmap=norms.heatmap_figure(result, shared_scale=bool(shared_scale), outliers=out),
@@ -773,8 +764,14 @@ class Lab:
         """Only the histogram of one block (the block slider)."""
         from . import norms
 
-        entry = self.entry(session, state)
-        result = entry.norms()
+        result, out, block = self._norms_outliers(session, state, threshold, block, k)
+        return norms.histogram_figure(result, block, out)
+
+    def _norms_outliers(self, session: str, state: Optional[dict], threshold, block, k):
+        """(norms result, outliers, 1-based block) of the session's image, the controls checked."""
+        from . import norms
+
+        result = self.entry(session, state).norms()
         try:
             thr = norms.parse_threshold(threshold)
         except norms.ThresholdError as exc:
@@ -783,7 +780,7 @@ class Lab:
         out = norms.find_outliers(result, threshold=thr, **kwargs)
         n = result.num_blocks
         block = n if block is None or block == "" else _number(block, "block", integer=True, lo=1, hi=n)
-        return norms.histogram_figure(result, block, out)
+        return result, out, block
 
     def norms_files(self, session: str, state: Optional[dict], folder, threshold="auto", shared_scale=True,
                     k=None) -> dict:

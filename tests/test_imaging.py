@@ -38,7 +38,7 @@ HALF = (0.5, 0.5, 0.5)
 # ---------------------------------------------------------------- sizing
 
 
-def _ref_size(h, w, target, m, method, keep_aspect=True):
+def official_resize_size(h, w, target, m, method, keep_aspect=True):
     """Straight transcription of the official Resize.get_size / constrain_to_multiple_of."""
 
     def constrain(x, min_val=0, max_val=None):
@@ -116,8 +116,8 @@ def test_official_size_matches_reference_sweep():
     for h, w in sizes:
         for target, m in ((518, 14), (384, 32), (512, 32), (256, 32)):
             for method in ("lower_bound", "upper_bound", "minimal"):
-                assert official_size(h, w, target=target, multiple=m, rule=method) == _ref_size(h, w, target, m, method), (h, w, target, method)
-            assert official_size(h, w, target=target, multiple=m, rule="stretch") == _ref_size(h, w, target, m, "minimal", keep_aspect=False)
+                assert official_size(h, w, target=target, multiple=m, rule=method) == official_resize_size(h, w, target, m, method), (h, w, target, method)
+            assert official_size(h, w, target=target, multiple=m, rule="stretch") == official_resize_size(h, w, target, m, "minimal", keep_aspect=False)
 
 
 # ---------------------------------------------------------------- resize vs cv2

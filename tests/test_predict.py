@@ -25,6 +25,7 @@ from PIL import Image
 import dpt_lab
 from dpt_lab.imaging import load_image
 from fixtures import DATA, OFFICIAL_NAMES, key_rows, save_fixture_checkpoint
+from test_imaging import official_resize_size
 
 cv2 = pytest.importorskip("cv2")
 
@@ -59,34 +60,9 @@ OFFICIAL = {
 
 
 def official_size(height, width, spec: Official, target=None, keep_aspect=None):
-    """(new_h, new_w) of the official Resize transform (get_size + constrain_to_multiple_of)."""
-    net = spec.target if target is None else target
-    keep = spec.keep_aspect if keep_aspect is None else keep_aspect
-    m = spec.multiple
-
-    def constrain(x, min_val=0, max_val=None):
-        y = (np.round(x / m) * m).astype(int)
-        if max_val is not None and y > max_val:
-            y = (np.floor(x / m) * m).astype(int)
-        if y < min_val:
-            y = (np.ceil(x / m) * m).astype(int)
-        return int(y)
-
-    scale_height, scale_width = net / height, net / width
-    if keep:
-        if spec.method == "lower_bound":
-            if scale_width > scale_height:
-                scale_height = scale_width
-            else:
-                scale_width = scale_height
-        elif spec.method == "minimal":
-            if abs(1 - scale_width) < abs(1 - scale_height):
-                scale_height = scale_width
-            else:
-                scale_width = scale_height
-    if spec.method == "lower_bound":
-        return constrain(scale_height * height, min_val=net), constrain(scale_width * width, min_val=net)
-    return constrain(scale_height * height), constrain(scale_width * width)
+    """(new_h, new_w) of the official Resize transform (test_imaging's transcription)."""
+    return official_resize_size(height, width, spec.target if target is None else target, spec.multiple, spec.method,
+                                spec.keep_aspect if keep_aspect is None else keep_aspect)
 
 
 def official_read(path) -> np.ndarray:

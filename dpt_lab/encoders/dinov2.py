@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import fastpath
+from .. import cubic, fastpath
 from .base import BlockRecord, EncoderFeatures, Record, token_norms
 
 
@@ -192,15 +192,7 @@ def _cubic_matrix(n_out, n_in: int, offset: float) -> Tensor:
     src = (torch.arange(n_out, dtype=torch.float32) + 0.5) * step - 0.5
     base = torch.floor(src)
     t = src - base
-    a = -0.75
-
-    def near(d):
-        return ((a + 2) * d - (a + 3)) * d * d + 1
-
-    def far(d):
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-
-    weights = torch.stack([far(t + 1), near(t), near(1 - t), far((1 - t) + 1)], dim=1)   # (n_out, 4)
+    weights = torch.stack(cubic.weights(t, opencv=False), dim=1)   # (n_out, 4)
     taps = (base[:, None] + torch.arange(-1, 3, dtype=torch.float32)).clamp(0, n_in - 1)
     onehot = (taps[:, :, None] == torch.arange(n_in, dtype=torch.float32)).to(torch.float32)
     return (weights[:, :, None] * onehot).sum(dim=1)
