@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import logging
 import math
 import os
@@ -544,6 +545,9 @@ def export_onnx(model, path, *, dynamic: bool = True, fp16: bool = False, with_p
         raise ExportError(f"expected a DepthModel (dpt_lab.load_model), got {type(model).__name__}")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; expected one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ExportError("exporter='dynamo' needs the onnxscript package (pip install onnxscript); "
+                          "the default exporter does not")
     if with_preprocessing and exporter != "torchscript":
         raise ExportError("with_preprocessing needs exporter='torchscript' (the sizes it computes from the image "
                           "are data-dependent for torch.export)")

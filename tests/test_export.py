@@ -297,6 +297,16 @@ def test_bad_options_are_one_line_errors(models, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dynamo_without_onnxscript_is_one_clear_error(models, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(ExportError, match="needs the onnxscript package"):
+        export_onnx(models("depth_anything_v2"), tmp_path / "x.onnx", exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_report_rows_and_text():
     report = ExportReport(path="m.onnx", size_bytes=2_500_000, opset=17, dynamic=True, fp16=False,
                           with_preprocessing=False, export_size=(518, 518), notes=["hello"])
