@@ -114,7 +114,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     verdict = "ok" if med < GOAL_S else "MISSED"
     lines = [
-        "# Startup: `python app.py` to HTTP 200",
+        "## Startup: `python app.py` to HTTP 200",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
         f"1-min load average at the end: {load:.2f}.",
