@@ -755,19 +755,9 @@ def run_cli(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m dpt_lab.attention IMAGE ...` (the same as `python -m dpt_lab attention ...`)."""
-    parser = argparse.ArgumentParser(prog="dpt_lab.attention")
-    sub = parser.add_subparsers(dest="command")
-    add_subcommand(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "attention":
-        argv = ["attention", *argv]
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (DPTLabError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from .cli import run_one
 
+    return run_one("attention", argv)
 
 if __name__ == "__main__":
     sys.exit(main())

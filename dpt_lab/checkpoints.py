@@ -188,6 +188,19 @@ def require(state: dict, key: str, layout: str) -> Tensor:
     return state[key]
 
 
+def check_complete(state: dict, expected: list[str], layout: str) -> None:
+    """Name, in the checkpoint's own terms, every key the layout needs and the file lacks."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{layout}: missing keys {few(missing)}")
+
+
+def check_family(hints: LoadHints, family: str, layout: str) -> None:
+    """An explicit family= that contradicts the file's layout is an error, not a hint."""
+    if hints.family is not None and hints.family != family:
+        raise CheckpointError(f"family {hints.family!r} was asked for, but the file has the {layout} layout")
+
+
 def count_indexed(state: dict, pattern: str) -> int:
     """Number of distinct integers captured by `pattern` (a regex with one group) over the keys."""
     rx = re.compile(pattern)

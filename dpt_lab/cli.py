@@ -79,6 +79,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return int(rc or 0)
 
 
+def run_one(name: str, argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dpt_lab.NAME ...`: the same as `python -m dpt_lab NAME ...` (the
+    subcommand's name may be given or left out)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != name:
+        argv = [name, *argv]
+    return main(argv)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:

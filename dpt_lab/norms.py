@@ -672,19 +672,9 @@ def _thumbnail(img: np.ndarray, longest: int = 1024) -> np.ndarray:
 
 def main(argv=None) -> int:
     """`python -m dpt_lab.norms IMAGE ...` (the same as `python -m dpt_lab norms ...`)."""
-    parser = argparse.ArgumentParser(prog="dpt_lab.norms")
-    sub = parser.add_subparsers(dest="command")
-    add_subcommand(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "norms":
-        argv = ["norms", *argv]
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (DPTLabError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from .cli import run_one
 
+    return run_one("norms", argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -342,7 +342,7 @@ def test_block_norms_on_a_fixture_and_the_cli(tmp_path, capsys):
     assert header == "block,row,col,norm" and len(rows) % 12 == 0
     assert np.asarray(Image.open(out_png)).shape == (60, 90, 3)
     assert norms.main([str(image), "--model", str(path), "--out", str(out_html), "--block", "13",
-                       "--base-size", "70"]) == 1
+                       "--base-size", "70"]) == 2
     assert "--block 13 is out of range" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         norms.main([str(image), "--model", str(path), "--threshold", "-3"])

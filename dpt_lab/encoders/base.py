@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import fastpath
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,18 @@ class EncoderFeatures:
 def token_norms(x: Tensor) -> Tensor:
     """(B, N, C) -> (B, N) L2 norm per token, computed in float32."""
     return torch.linalg.vector_norm(x.float(), dim=-1)
+
+
+class Mlp(nn.Module):
+    """The transformer MLP of DINOv2, BEiT and SwinV2: fc1, exact (erf) GELU, fc2. On the
+    CPU fast path fc1 and its GELU are one oneDNN matmul (fastpath.linear)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if fastpath.active(x, self):
+            return fastpath.linear(self.fc2, fastpath.linear(self.fc1, x, gelu=True))
+        return self.fc2(F.gelu(self.fc1(x)))

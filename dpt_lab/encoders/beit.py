@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BlockRecord, EncoderFeatures, Record, token_norms
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, token_norms
 
 CACHE_GRIDS = 8   # grids remembered per cache (least recently used dropped first)
 
@@ -144,16 +144,6 @@ class Attention(nn.Module):
         mask = table.t()[:, index]                           # (heads, N, N), one block at a time
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import cubic, fastpath
-from .base import BlockRecord, EncoderFeatures, Record, token_norms
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, token_norms
 
 
 @dataclass(frozen=True)
@@ -52,18 +52,6 @@ class Attention(nn.Module):
             rec.q, rec.k, rec.scale = q, k, self.scale
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, n, c)
         return fastpath.linear(self.proj, out) if fast else self.proj(out)
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if fastpath.active(x, self):
-            return fastpath.linear(self.fc2, fastpath.linear(self.fc1, x, gelu=True))
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):

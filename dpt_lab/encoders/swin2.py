@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BlockRecord, EncoderFeatures, Record, WindowLayout, token_norms
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, WindowLayout, token_norms
 
 SHIFT_MASK = -100.0          # between cyclic-shift regions, as in the original
 CACHE_SIZE = 32
@@ -321,16 +321,6 @@ class WindowAttention(nn.Module):
             out = _roll(out, (hp, wp), (sh, sw), back=True)
         out = out[:, :h, :w].reshape(b, h * w, c)
         return self.proj(out)
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):

@@ -16,7 +16,8 @@ import re
 
 import torch
 
-from ..checkpoints import CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, count_indexed, few, rename_keys
+from ..checkpoints import (CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, check_complete, check_family,
+                           count_indexed, rename_keys)
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.beit import BeitConfig, BeitEncoder, midas_taps, relative_position_index, window_from_table
 from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
@@ -24,18 +25,6 @@ from .depth_anything import merge_qkv, reverse_fusion, shift_one_based
 
 SIZE_BY_WIDTH = {768: "beit_base", 1024: "beit_large"}
 FAMILY = "midas_beit"
-
-
-def check_family(hints: LoadHints, layout: str) -> None:
-    if hints.family is not None and hints.family != FAMILY:
-        raise CheckpointError(f"family {hints.family!r} was asked for, but the file has the {layout} layout")
-
-
-def check_complete(state: dict, expected: list[str], layout: str) -> None:
-    """Name, in the checkpoint's own terms, every key the layout needs and the file lacks."""
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"{layout}: missing keys {few(missing)}")
 
 
 def check_index_buffers(state: dict, pattern: str, window: tuple[int, int], layout: str) -> None:
@@ -111,7 +100,7 @@ def original_keys(depth: int) -> list[str]:
 
 
 def build_original(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
-    check_family(hints, ORIGINAL)
+    check_family(hints, FAMILY, ORIGINAL)
     s = ckpt.state
     depth = count_indexed(s, r"pretrained\.model\.blocks\.(\d+)\.norm1\.weight")
     check_complete(s, original_keys(depth), ORIGINAL)
@@ -254,7 +243,7 @@ def native_window(backbone: dict, rows: int) -> tuple[int, int]:
 
 
 def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
-    check_family(hints, HF)
+    check_family(hints, FAMILY, HF)
     s, config = ckpt.state, ckpt.config or {}
     backbone = config.get("backbone_config") or {}
     check_hf_config(config, backbone)

@@ -21,7 +21,8 @@ import re
 
 import torch
 
-from ..checkpoints import CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, count_indexed, few, rename_keys
+from ..checkpoints import (CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, check_complete, check_family,
+                           count_indexed, few, rename_keys)
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.swin2 import (Swin2Config, Swin2Encoder, relative_coords_table, relative_position_index,
                               window_layout, window_mask)
@@ -38,18 +39,6 @@ BLOCK_PARAMS = (
     "norm1.weight", "norm1.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
     "norm2.weight", "norm2.bias",
 )
-
-
-def check_family(hints: LoadHints, layout: str) -> None:
-    if hints.family is not None and hints.family != FAMILY:
-        raise CheckpointError(f"family {hints.family!r} was asked for, but the file has the {layout} layout")
-
-
-def check_complete(state: dict, expected: list[str], layout: str) -> None:
-    """Name, in the checkpoint's own terms, every key the layout needs and the file lacks."""
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"{layout}: missing keys {few(missing)}")
 
 
 def build_swin2(cfg: Swin2Config, dec: DecoderConfig, state: dict, layout: str, notes: list[str]) -> DepthModel:
@@ -186,7 +175,7 @@ def check_original_buffers(s: dict, cfg: Swin2Config, masks: dict) -> None:
 
 
 def build_original(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
-    check_family(hints, ORIGINAL)
+    check_family(hints, FAMILY, ORIGINAL)
     s = ckpt.state
     depths, heads = stage_shapes(s, "pretrained.model.layers.{s}.blocks.{j}.attn.logit_scale",
                                  r"pretrained\.model\.layers\.(\d+)\.blocks\.0\.attn\.logit_scale", ORIGINAL)
@@ -335,7 +324,7 @@ def check_hf_config(config: dict, backbone: dict, stages: int) -> None:
 
 
 def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
-    check_family(hints, HF)
+    check_family(hints, FAMILY, HF)
     s, config = ckpt.state, ckpt.config or {}
     backbone = config.get("backbone_config") or {}
     depths, heads = stage_shapes(s, "backbone.encoder.layers.{s}.blocks.{j}.attention.self.logit_scale",
