@@ -424,7 +424,8 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
                     return skips(n_out)
                 try:
                     return render(*controls, st, request)
-                except gr.Error:
+                except gr.Error as exc:    # the tab's own button shows it; the log says why it is blank
+                    print(f"dpt-lab: {tab} tab not refreshed: {exc}", file=sys.stderr, flush=True)
                     return skips(n_out)
             return refresh
 
