@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .encoders.base import BlockRecord, EncoderFeatures, Record, WindowLayout
 from .errors import DPTLabError
+from .imaging import meta_sizes
 
 __all__ = [
     "AttentionError", "LayerError", "TokenError", "PatchError",
@@ -408,17 +409,6 @@ def _window_column(l: _Layer, token: int) -> Tensor:
 
 
 # -- clicks -------------------------------------------------------------------------------
-def _sizes(meta_or_sizes) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(image_size, input_size) from a PreprocessMeta, a dict, or (image_size, input_size)."""
-    if hasattr(meta_or_sizes, "image_size") and hasattr(meta_or_sizes, "input_size"):
-        image, inp = meta_or_sizes.image_size, meta_or_sizes.input_size
-    elif isinstance(meta_or_sizes, dict):
-        image, inp = meta_or_sizes["image_size"], meta_or_sizes["input_size"]
-    else:
-        image, inp = meta_or_sizes
-    return (int(image[0]), int(image[1])), (int(inp[0]), int(inp[1]))
-
-
 def patch_at_pixel(meta_or_sizes, layer_grid: tuple[int, int], x: float, y: float) -> tuple[int, int]:
     """(row, col) of the patch whose area of the model input covers pixel (x, y) of the
     original image (x = column, y = row, pixel i covering [i - 0.5, i + 0.5]).
@@ -428,7 +418,7 @@ def patch_at_pixel(meta_or_sizes, layer_grid: tuple[int, int], x: float, y: floa
     pixel x lies at (x + 0.5) * input_w / image_w in input edge coordinates, and the
     layer's patches are input_w / grid_w pixels wide (14 for DINOv2, 16 for BEiT, 4, 8,
     16, 32 along SwinV2's stages). Integer pixels are mapped in exact integer arithmetic."""
-    (ih, iw), (nh, nw) = _sizes(meta_or_sizes)
+    (ih, iw), (nh, nw) = meta_sizes(meta_or_sizes)
     gh, gw = int(layer_grid[0]), int(layer_grid[1])
     if nh % gh or nw % gw:
         raise PatchError(f"the {nw}x{nh} input is not a whole number of patches of the {gh} x {gw} grid")
@@ -648,7 +638,7 @@ def mark_patch(image, meta, grid: tuple[int, int], row: int, col: int, *, color=
     if not (0 <= row < gh and 0 <= col < gw):
         raise PatchError(f"patch ({row}, {col}) is outside the {gh} x {gw} grid")
     if meta is not None:
-        (ih, iw), (nh, nw) = _sizes(meta)
+        (ih, iw), (nh, nw) = meta_sizes(meta)
         if (h, w) not in ((ih, iw), (nh, nw)):
             raise ValueError(f"the image is {w}x{h}, but meta describes a {iw}x{ih} image and a {nw}x{nh} input")
     x0, y0, x1, y1 = patch_box((h, w), (gh, gw), row, col)

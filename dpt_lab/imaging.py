@@ -38,7 +38,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -471,6 +471,20 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
     return (x - mean_t) / std_t
+
+
+def meta_sizes(meta_or_sizes) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+    """(image_size, input_size) as int pairs from a PreprocessMeta, a dict with those keys,
+    a pair (image_size, input_size), or None (then (None, None))."""
+    if meta_or_sizes is None:
+        return None, None
+    if hasattr(meta_or_sizes, "image_size") and hasattr(meta_or_sizes, "input_size"):
+        image, inp = meta_or_sizes.image_size, meta_or_sizes.input_size
+    elif isinstance(meta_or_sizes, dict):
+        image, inp = meta_or_sizes["image_size"], meta_or_sizes["input_size"]
+    else:
+        image, inp = meta_or_sizes
+    return (int(image[0]), int(image[1])), (int(inp[0]), int(inp[1]))
 
 
 @dataclass

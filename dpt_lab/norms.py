@@ -56,6 +56,7 @@ from torch import Tensor
 
 from .encoders.base import EncoderFeatures, Record
 from .errors import DPTLabError
+from .imaging import meta_sizes
 
 __all__ = [
     "NormsError", "BlockError", "ThresholdError",
@@ -505,19 +506,6 @@ def figures_html(*figs, title: str = "DPT Lab · block norms", text: str = "",
 
 
 # -- on the image --------------------------------------------------------------------
-def _sizes(meta_or_sizes) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
-    """(image_size, input_size) from a PreprocessMeta, a dict, (image_size, input_size), or None."""
-    if meta_or_sizes is None:
-        return None, None
-    if hasattr(meta_or_sizes, "image_size") and hasattr(meta_or_sizes, "input_size"):
-        image, inp = meta_or_sizes.image_size, meta_or_sizes.input_size
-    elif isinstance(meta_or_sizes, dict):
-        image, inp = meta_or_sizes["image_size"], meta_or_sizes["input_size"]
-    else:
-        image, inp = meta_or_sizes
-    return (int(image[0]), int(image[1])), (int(inp[0]), int(inp[1]))
-
-
 def patch_box(image_size: tuple[int, int], grid: tuple[int, int], row: int, col: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) inclusive pixel box of patch (row, col) of a (gh, gw) grid on an
     image of image_size (h, w). The model input is the image resized edge to edge (each
@@ -548,7 +536,7 @@ def draw_outliers(image_rgb, meta_or_sizes, result: BlockNorms, outliers: Outlie
     arr = arr.astype(np.uint8) if arr.dtype == np.uint8 else np.clip(arr * (255 if arr.max() <= 1 else 1), 0, 255) \
         .astype(np.uint8)
     h, w = arr.shape[:2]
-    image_size, input_size = _sizes(meta_or_sizes)
+    image_size, input_size = meta_sizes(meta_or_sizes)
     if image_size is not None and (h, w) not in (image_size, input_size):
         raise NormsError(f"the image is {w}x{h}, but meta describes a {image_size[1]}x{image_size[0]} image "
                          f"and a {input_size[1]}x{input_size[0]} input")

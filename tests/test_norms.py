@@ -54,43 +54,12 @@ def test_depth_anything_norms_match_transformers_hidden_states(tmp_path):
             close(torch.tensor(result.cls_norms[b]), want[0])
 
 
-def _beit_hf(folder, layers=4, seed=0):
-    """A tiny random DPT-BEiT in Intel/dpt-beit-*'s configuration, saved with save_pretrained."""
-    import transformers
-
-    backbone = transformers.BeitConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=64, use_relative_position_bias=True, use_absolute_position_embeddings=False,
-        reshape_hidden_states=False, out_indices=list(range(layers - 3, layers + 1)), layer_scale_init_value=0.1,
-    )
-    config = transformers.DPTConfig(
-        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], reassemble_hidden_size=32,
-        fusion_hidden_size=16, readout_type="project", head_in_index=-1, add_projection=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.DPTForDepthEstimation(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "relative_position_bias_table" in name:
-                p.copy_(0.5 * noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif "lambda" in name:
-                p.copy_(0.2 + 0.05 * noise)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    model.save_pretrained(folder)
-    return model
-
-
 @pytest.mark.skipif(importlib.util.find_spec("dpt_lab.encoders.beit") is None, reason="BEiT encoder not written yet")
 def test_beit_norms_match_transformers_hidden_states(tmp_path):
     pytest.importorskip("transformers")
-    reference = _beit_hf(tmp_path / "beit")
+    from test_beit import beit_hf
+
+    reference = beit_hf(tmp_path / "beit", layers=4, out_indices=(1, 2, 3, 4))
     model = dpt_lab.load_model(tmp_path / "beit")
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))   # off the native 4 x 4 grid
     with torch.inference_mode():

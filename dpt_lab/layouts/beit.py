@@ -21,7 +21,7 @@ from ..checkpoints import (CheckpointError, Layout, LoadHints, RawCheckpoint, as
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.beit import BeitConfig, BeitEncoder, midas_taps, relative_position_index, window_from_table
 from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
-from .depth_anything import merge_qkv, reverse_fusion, shift_one_based
+from .depth_anything import merge_qkv, reverse_fusion, shift_one_based, unsupported_dpt_head
 
 SIZE_BY_WIDTH = {768: "beit_base", 1024: "beit_large"}
 FAMILY = "midas_beit"
@@ -207,14 +207,7 @@ def check_hf_config(config: dict, backbone: dict) -> None:
         unsupported.append(f"readout_type={config['readout_type']!r}")
     if list(config.get("reassemble_factors", [4, 2, 1, 0.5])) != [4, 2, 1, 0.5]:
         unsupported.append(f"reassemble_factors={config['reassemble_factors']}")
-    if config.get("add_projection"):
-        unsupported.append("add_projection=true")
-    if config.get("head_in_index", -1) not in (-1, 3):
-        unsupported.append(f"head_in_index={config['head_in_index']}")
-    if config.get("use_batch_norm_in_fusion_residual"):
-        unsupported.append("use_batch_norm_in_fusion_residual=true")
-    if config.get("neck_ignore_stages"):
-        unsupported.append(f"neck_ignore_stages={config['neck_ignore_stages']}")
+    unsupported += unsupported_dpt_head(config)
     if backbone.get("use_absolute_position_embeddings"):
         unsupported.append("use_absolute_position_embeddings=true")
     if backbone.get("use_shared_relative_position_bias"):

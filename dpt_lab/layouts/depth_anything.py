@@ -167,6 +167,21 @@ def merge_qkv(state: dict) -> dict:
     return out
 
 
+def unsupported_dpt_head(config: dict) -> list[str]:
+    """The DPTConfig (MiDaS -hf) options the shared decoder does not implement, as set in
+    `config` (their defaults are what it implements)."""
+    unsupported = []
+    if config.get("add_projection"):
+        unsupported.append("add_projection=true")
+    if config.get("head_in_index", -1) not in (-1, 3):
+        unsupported.append(f"head_in_index={config['head_in_index']}")
+    if config.get("use_batch_norm_in_fusion_residual"):
+        unsupported.append("use_batch_norm_in_fusion_residual=true")
+    if config.get("neck_ignore_stages"):
+        unsupported.append(f"neck_ignore_stages={config['neck_ignore_stages']}")
+    return unsupported
+
+
 def reverse_fusion(state: dict) -> dict:
     """-hf numbers fusion layers coarse to fine (layers.0 is the coarsest); DPT Lab fine to coarse."""
     out = {}

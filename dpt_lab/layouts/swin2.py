@@ -27,7 +27,7 @@ from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.swin2 import (Swin2Config, Swin2Encoder, relative_coords_table, relative_position_index,
                               window_layout, window_mask)
 from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
-from .depth_anything import reverse_fusion, shift_one_based
+from .depth_anything import reverse_fusion, shift_one_based, unsupported_dpt_head
 
 FAMILY = "midas_swin2"
 SIZE_BY_WIDTH = {96: "swin2_tiny", 128: "swin2_base", 192: "swin2_large"}
@@ -300,14 +300,7 @@ def check_hf_config(config: dict, backbone: dict, stages: int) -> None:
         unsupported.append(f"backbone model_type={backbone['model_type']!r}")
     if config.get("is_hybrid"):
         unsupported.append("is_hybrid=true")
-    if config.get("add_projection"):
-        unsupported.append("add_projection=true")
-    if config.get("head_in_index", -1) not in (-1, 3):
-        unsupported.append(f"head_in_index={config['head_in_index']}")
-    if config.get("use_batch_norm_in_fusion_residual"):
-        unsupported.append("use_batch_norm_in_fusion_residual=true")
-    if config.get("neck_ignore_stages"):
-        unsupported.append(f"neck_ignore_stages={config['neck_ignore_stages']}")
+    unsupported += unsupported_dpt_head(config)
     if backbone.get("use_absolute_embeddings"):
         unsupported.append("use_absolute_embeddings=true")
     if backbone.get("hidden_act", "gelu") != "gelu":
