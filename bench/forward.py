@@ -13,6 +13,7 @@ with the same thread count:
   - interleaved timing (one call of each per round, after a warm-up round), medians of
     --runs rounds: wall time, and process CPU time (all threads) as a second opinion on a
     busy machine; dpt_lab is timed as loaded (the CPU fast path, dpt_lab/fastpath.py) and
+    with the fast path but its linear weights not packed (fastpath.PACK_WEIGHTS = False), and
     with fastpath.disabled() (the plain PyTorch ops: the code before the fast path);
   - --profile: torch.profiler self CPU time per op family, each model;
   - --compile: torch.compile (inductor, freezing=True) of the dpt_lab model: its first
@@ -134,6 +135,13 @@ def main() -> None:
         with torch.inference_mode(), fastpath.disabled():
             return model(x)
 
+    def ours_unpacked():
+        before, fastpath.PACK_WEIGHTS = fastpath.PACK_WEIGHTS, False
+        try:
+            return ours()
+        finally:
+            fastpath.PACK_WEIGHTS = before
+
     def theirs():
         with torch.inference_mode():
             return reference(pixel_values=x).predicted_depth
@@ -146,7 +154,8 @@ def main() -> None:
     print(f"max |dpt_lab - transformers| = {diff['abs']:.3g} ({diff['rel']:.3g} relative); "
           f"fast path off: {diff['plain_rel']:.3g}; fast vs off: {diff['fast_vs_plain']:.3g}", flush=True)
 
-    fns = {"dpt_lab": ours, "dpt_lab, fastpath off": ours_plain, "transformers": theirs}
+    fns = {"dpt_lab": ours, "dpt_lab, weights not packed": ours_unpacked, "dpt_lab, fastpath off": ours_plain,
+           "transformers": theirs}
     times = interleaved(fns, runs=args.runs, warmup=1)
     med = {n: {k: 1000 * statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     # the calls of one round run back to back: their ratio is less exposed to the load of
@@ -207,7 +216,8 @@ def command(args) -> str:
 
 def render(r: dict) -> str:
     med = r["med"]
-    ours, plain, hf = med["dpt_lab"], med["dpt_lab, fastpath off"], med["transformers"]
+    ours, unpacked, plain, hf = (med["dpt_lab"], med["dpt_lab, weights not packed"], med["dpt_lab, fastpath off"],
+                                 med["transformers"])
     d = r["diff"]
     lines = [
         "## Forward pass: dpt_lab vs transformers",
@@ -222,7 +232,9 @@ def render(r: dict) -> str:
         "| model | wall (median) | CPU time (median) | transformers / this (wall) |",
         "|---|---|---|---|",
     ]
-    for name, m in (("dpt_lab (default: CPU fast path)", ours), ("dpt_lab, `fastpath.disabled()` (plain ops)", plain),
+    for name, m in (("dpt_lab (default: CPU fast path)", ours),
+                    ("dpt_lab, fast path without packed weights (`fastpath.PACK_WEIGHTS = False`)", unpacked),
+                    ("dpt_lab, `fastpath.disabled()` (plain ops)", plain),
                     ("transformers DepthAnythingForDepthEstimation", hf)):
         lines.append(f"| {name} | {m['wall']:.0f} ms | {m['cpu']:.0f} ms | {hf['wall'] / m['wall']:.3f}x |")
     lines += [
@@ -230,7 +242,8 @@ def render(r: dict) -> str:
         f"Speed-up of dpt_lab over transformers: **{hf['wall'] / ours['wall']:.2f}x** wall "
         f"({hf['cpu'] / ours['cpu']:.2f}x CPU time; median of the per-round ratios "
         f"{r['paired']['dpt_lab']:.2f}x); the fast path alone: {plain['wall'] / ours['wall']:.2f}x wall "
-        f"({plain['cpu'] / ours['cpu']:.2f}x CPU time). Fastest round of each: "
+        f"({plain['cpu'] / ours['cpu']:.2f}x CPU time), of which packing the linear weights "
+        f"{unpacked['wall'] / ours['wall']:.2f}x. Fastest round of each: "
         + ", ".join(f"{n} {1000 * min(t['wall']):.0f} ms" for n, t in r["times"].items()) + ".",
         "",
         f"Outputs: max |dpt_lab - transformers| = {d['abs']:.3g}, {d['rel']:.2g} of max |transformers| "

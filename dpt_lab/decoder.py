@@ -75,7 +75,10 @@ class Reassemble(nn.Module):
                 tokens = F.gelu(self.readout_proj(tokens))
                 fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
         if fast:
-            return self.resize(fastpath.conv(self.project, fastpath.channels_last(fmap)))
+            fmap = fastpath.conv(self.project, fastpath.channels_last(fmap))
+            if isinstance(self.resize, nn.ConvTranspose2d):
+                return fastpath.conv_transpose(self.resize, fmap)
+            return fastpath.conv(self.resize, fmap) if isinstance(self.resize, nn.Conv2d) else fmap
         return self.resize(self.project(fmap))
 
 
@@ -183,7 +186,7 @@ class DPTDecoder(nn.Module):
         else:
             self.reassemble = None
             rn_in = cfg.in_channels
-        self.layer_rn = nn.ModuleList(nn.Conv2d(c, cfg.features, 3, padding=1, bias=False) for c in rn_in)
+        self.layer_rn = nn.ModuleList(fastpath.Conv2d(c, cfg.features, 3, padding=1, bias=False) for c in rn_in)
         self.fusion = nn.ModuleList(FusionBlock(cfg.features) for _ in range(4))
         self.head = DepthHead(cfg.features, cfg.head_hidden, cfg.metric, cfg.max_depth)
 

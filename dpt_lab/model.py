@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import fastpath
 from .decoder import DPTDecoder
 from .encoders.base import EncoderFeatures, Record
 
@@ -86,6 +87,11 @@ class DepthModel(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.info = info
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() ...: the fast path's packed weight copies are stale
+        fastpath.release(self)
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:

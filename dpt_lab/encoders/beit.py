@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fastpath
 from .base import BlockRecord, EncoderFeatures, Mlp, Record, token_norms
 
 CACHE_GRIDS = 8   # grids remembered per cache (least recently used dropped first)
@@ -135,7 +136,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, grid: tuple[int, int], index: Tensor, rec: BlockRecord | None) -> Tensor:
         b, n, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)
+        fast = fastpath.active(x, self)
+        qkv = fastpath.linear(self.qkv, x, bias=bias) if fast else F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         table = self.rel_table(grid, q.dtype)
         if rec is not None:
@@ -143,7 +145,8 @@ class Attention(nn.Module):
             rec.rel_table, rec.rel_index = table, index
         mask = table.t()[:, index]                           # (heads, N, N), one block at a time
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        out = out.transpose(1, 2).reshape(b, n, c)
+        return fastpath.linear(self.proj, out) if fast else self.proj(out)
 
 
 class Block(nn.Module):
@@ -157,6 +160,9 @@ class Block(nn.Module):
         self.gamma_2 = nn.Parameter(torch.ones(cfg.width))
 
     def forward(self, x: Tensor, grid: tuple[int, int], index: Tensor, rec: BlockRecord | None = None) -> Tensor:
+        if fastpath.active(x, self):    # x + gamma * y in one pass
+            x = torch.addcmul(x, self.gamma_1, self.attn(self.norm1(x), grid, index, rec))
+            return torch.addcmul(x, self.gamma_2, self.mlp(self.norm2(x)))
         x = x + self.gamma_1 * self.attn(self.norm1(x), grid, index, rec)
         return x + self.gamma_2 * self.mlp(self.norm2(x))
 
@@ -188,7 +194,7 @@ class BeitEncoder(nn.Module):
         b, _, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = fastpath.patch_tokens(self.patch_embed, x)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         index = self.rel_index((gh, gw), x.device)
 

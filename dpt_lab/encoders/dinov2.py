@@ -61,6 +61,9 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fastpath.active(x, self):
+            gate, value = fastpath.linear(self.w12, x).chunk(2, dim=-1)
+            return fastpath.linear(self.w3, F.silu(gate) * value)
         gate, value = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
 
@@ -136,7 +139,7 @@ class DinoV2Encoder(nn.Module):
         b, _, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = fastpath.patch_tokens(self.patch_embed, x)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         tokens = tokens + self.position_embedding(gh, gw)
 

@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fastpath
 from .base import BlockRecord, EncoderFeatures, Mlp, Record, WindowLayout, token_norms
 
 SHIFT_MASK = -100.0          # between cyclic-shift regions, as in the original
@@ -286,7 +287,9 @@ class WindowAttention(nn.Module):
         (h, w), (hp, wp), ws = layout.grid, layout.padded, layout.window
         heads, d = self.heads, c // self.heads
         bias_qkv = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias_qkv).reshape(b, n_tok, 3, heads, d)
+        fast = fastpath.active(x, self)
+        qkv = fastpath.linear(self.qkv, x, bias=bias_qkv) if fast else F.linear(x, self.qkv.weight, bias_qkv)
+        qkv = qkv.reshape(b, n_tok, 3, heads, d)
         q = F.normalize(qkv[:, :, 0], dim=-1)            # (B, N, heads, d)
         k = F.normalize(qkv[:, :, 1], dim=-1)
         v = qkv[:, :, 2]
@@ -320,7 +323,7 @@ class WindowAttention(nn.Module):
         if rolls:
             out = _roll(out, (hp, wp), (sh, sw), back=True)
         out = out[:, :h, :w].reshape(b, h * w, c)
-        return self.proj(out)
+        return fastpath.linear(self.proj, out) if fast else self.proj(out)
 
 
 class Block(nn.Module):
@@ -350,7 +353,7 @@ class PatchMerging(nn.Module):
         x = x.reshape(b, h // 2, 2, w // 2, 2, c)
         # channel blocks ordered by (col offset, row offset): (0,0), (1,0), (0,1), (1,1) as (row, col)
         x = x.permute(0, 1, 3, 4, 2, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-        return self.norm(self.reduction(x))
+        return self.norm(fastpath.linear(self.reduction, x) if fastpath.active(x, self) else self.reduction(x))
 
 
 class PatchEmbed(nn.Module):
@@ -398,9 +401,8 @@ class Swin2Encoder(nn.Module):
         b, _, height, width = x.shape
         if height % self.tile or width % self.tile:
             raise ValueError(f"input height and width must be multiples of {self.tile}, got {(height, width)}")
-        tokens = self.patch_embed.proj(x)
-        grid = (tokens.shape[-2], tokens.shape[-1])
-        tokens = self.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
+        grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
+        tokens = self.patch_embed.norm(fastpath.patch_tokens(self.patch_embed.proj, x))
 
         keep = record.norms or record.attention
         blocks: list[BlockRecord] | None = [] if keep else None
