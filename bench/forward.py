@@ -18,6 +18,9 @@ with the same thread count:
   - --profile: torch.profiler self CPU time per op family, each model;
   - --compile: torch.compile (inductor, freezing=True) of the dpt_lab model: its first
     call (compilation) and its steady-state time, beside the eager one;
+  - --rates: GFLOP/s of the forward's main kernels at its shapes (each linear layer, the
+    attention, the largest decoder convs), beside a 2048 x 2048 matmul (what this CPU
+    does in float32): how far from the floor each part runs;
   - --write: bench/results/forward.md.
 """
 
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(freezing) of dpt_lab")
+    parser.add_argument("--rates", action="store_true", help="GFLOP/s of the main kernels at the forward's shapes")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
     if args.threads:
@@ -177,9 +181,10 @@ def main() -> None:
         compiled = time_compiled(model, x, ours, args.runs, b)
         print(compiled, flush=True)
 
+    rates = kernel_rates(model, args.size) if args.rates else None
     text = render(dict(machine=machine(), size=args.size, runs=args.runs, threads=torch.get_num_threads(),
                        diff=diff, med=med, times=times, paired=paired, prof=prof, compiled=compiled, load_s=load_s,
-                       cmd=command(args)))
+                       rates=rates, cmd=command(args)))
     print(text)
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -206,11 +211,58 @@ def time_compiled(model, x, eager, runs: int, expected) -> dict:
                 compiled_ms=1000 * statistics.median(times["compiled"]["wall"]))
 
 
+def kernel_rates(model, size: int, rounds: int = 20) -> list[tuple[str, float, float]]:
+    """[(kernel, ms per call, GFLOP/s)] at the shapes of this model's forward, as the fast
+    path calls them (packed weights, channels-last maps)."""
+    import torch.nn.functional as F
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+    gen = torch.Generator().manual_seed(0)
+    patch = model.info.patch_size
+    n = (size // patch) ** 2 + 1
+    block = model.encoder.blocks[0]
+    rows = []
+    with torch.inference_mode():
+        big = torch.randn(2048, 2048, generator=gen)
+        ms = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(big, fastpath.packed(big), None, "none", [], "none"))
+        rows.append(("matmul 2048 x 2048 x 2048 (reference)", ms, 2 * 2048 ** 3 / ms / 1e6))
+        for name, fc in (("qkv", block.attn.qkv), ("proj", block.attn.proj), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)):
+            x = torch.randn(1, n, fc.in_features, generator=gen)
+            ms = median_ms(lambda: fastpath.linear(fc, x))
+            rows.append((f"linear {name} ({n} x {fc.in_features} -> {fc.out_features})", ms,
+                         2 * n * fc.in_features * fc.out_features / ms / 1e6))
+        heads, width = block.attn.heads, block.attn.qkv.in_features
+        q, k, v = (torch.randn(1, heads, n, width // heads, generator=gen) for _ in range(3))
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        rows.append((f"attention (SDPA, {heads} heads x {n} tokens x {width // heads})", ms, 4 * n * n * width / ms / 1e6))
+        dec = model.decoder
+        g = size // patch
+        for name, conv, cin_hw in (("head conv1", dec.head.conv1, 8 * g), ("fusion 0 RCU conv", dec.fusion[0].rcu2.conv1, 4 * g),
+                                   ("head conv2 (one band of 64 rows)", dec.head.conv2, None)):
+            shape = (1, conv.in_channels, cin_hw, cin_hw) if cin_hw else (1, conv.in_channels, 66, size)
+            x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+            pad = None if cin_hw else (0, 1)
+            ms = median_ms(lambda: fastpath.conv(conv, x, padding=pad))
+            out_hw = shape[2] * shape[3] if cin_hw else 64 * size
+            rows.append((f"conv {name} ({conv.in_channels} -> {conv.out_channels}, {shape[2]} x {shape[3]})", ms,
+                         2 * out_hw * conv.in_channels * conv.out_channels * 9 / ms / 1e6))
+    return rows
+
+
 def command(args) -> str:
     parts = ["python bench/forward.py", f"--size {args.size}", f"--runs {args.runs}"]
     if args.threads:
         parts.append(f"--threads {args.threads}")
-    parts += [f"--{flag}" for flag in ("profile", "compile") if getattr(args, flag)]
+    parts += [f"--{flag}" for flag in ("profile", "compile", "rates") if getattr(args, flag)]
     return " ".join(parts)
 
 
@@ -242,7 +294,7 @@ def render(r: dict) -> str:
         f"Speed-up of dpt_lab over transformers: **{hf['wall'] / ours['wall']:.2f}x** wall "
         f"({hf['cpu'] / ours['cpu']:.2f}x CPU time; median of the per-round ratios "
         f"{r['paired']['dpt_lab']:.2f}x); the fast path alone: {plain['wall'] / ours['wall']:.2f}x wall "
-        f"({plain['cpu'] / ours['cpu']:.2f}x CPU time), of which packing the linear weights "
+        f"({plain['cpu'] / ours['cpu']:.2f}x CPU time), of which the packed weights "
         f"{unpacked['wall'] / ours['wall']:.2f}x. Fastest round of each: "
         + ", ".join(f"{n} {1000 * min(t['wall']):.0f} ms" for n, t in r["times"].items()) + ".",
         "",
@@ -272,6 +324,10 @@ def render(r: dict) -> str:
         lines += ["", f"torch.compile (inductor, freezing=True) of the dpt_lab model: first call (compile) "
                       f"{c['first_s']:.1f} s; then {c['compiled_ms']:.0f} ms vs eager {c['eager_ms']:.0f} ms "
                       f"(median, interleaved); output vs transformers {c['rel']:.2g} relative."]
+    if r["rates"]:
+        lines += ["", "Kernel rates at the forward's shapes (`--rates`; fast path, median of 20 calls each):", "",
+                  "| kernel | ms per call | GFLOP/s |", "|---|---|---|"]
+        lines += [f"| {name} | {ms:.2f} | {rate:.0f} |" for name, ms, rate in r["rates"]]
     return "\n".join(lines) + "\n"
 
 

@@ -129,43 +129,6 @@ def _one_thread(device: torch.device):
         torch.set_num_threads(before)
 
 
-def _owns_storage(t: Tensor) -> bool:
-    """True when `t` is contiguous and its storage holds nothing else (no v, no batch)."""
-    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-
-
-def _compact(rec: BlockRecord) -> None:
-    """Replace the record's q / k (views into the block's qkv output, which also holds v)
-    by tight copies, so the qkv tensor can be freed. Same values, same shapes."""
-    for name in ("q", "k"):
-        t = getattr(rec, name)
-        if isinstance(t, Tensor) and not _owns_storage(t):
-            setattr(rec, name, t.contiguous() if not t.is_contiguous() else t.clone())
-
-
-def _records_in(args, kwargs):
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, BlockRecord):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (r for r in a if isinstance(r, BlockRecord))
-
-
-def _compaction_hooks(encoder: torch.nn.Module) -> list:
-    """Forward hooks on the encoder's block modules (the elements of its ModuleLists) that
-    compact each block's record as soon as the block has run: the qkv output of a block is
-    then freed right away instead of living (with v) until the pass ends."""
-    handles = []
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.ModuleList):
-            for child in module:
-                def hook(_mod, args, kwargs, _out):
-                    for rec in _records_in(args, kwargs):
-                        _compact(rec)
-                handles.append(child.register_forward_hook(hook, with_kwargs=True))
-    return handles
-
-
 class AttentionProbe:
     """What one recorded encoder pass keeps, and rows / columns of any layer on demand."""
 
@@ -178,7 +141,7 @@ class AttentionProbe:
         self.input_size = tuple(features.input_size)
         self._layers: list[_Layer] = []
         for rec in features.blocks:
-            _compact(rec)
+            rec.compact()
             q, k = rec.q[batch], rec.k[batch]
             heads = q.shape[0]
             s = rec.scale
@@ -351,17 +314,12 @@ def capture(model, x: Tensor, *, batch: int = 0, norms: bool = False) -> Attenti
     same pass also records every block's token norms (probe.features for
     norms.norms_from_features), so one encode serves the attention and norm tools.
 
-    Each block's q / k are compacted as soon as the block has run (its qkv output, v
-    included, is freed then), so the pass holds about what the probe keeps."""
+    The encoder compacts each block's q / k as soon as the block has run (its qkv output,
+    v included, is freed then: encoders/base.py keep_record), so the pass holds about what
+    the probe keeps."""
     if x.ndim != 4 or not 0 <= batch < x.shape[0]:
         raise AttentionError(f"batch index {batch} is outside the input batch (shape {tuple(x.shape)})")
-    encoder = getattr(model, "encoder", None)
-    handles = _compaction_hooks(encoder) if isinstance(encoder, torch.nn.Module) else []
-    try:
-        features = model.encode(x, Record(attention=True, norms=bool(norms)))
-    finally:
-        for h in handles:
-            h.remove()
+    features = model.encode(x, Record(attention=True, norms=bool(norms)))
     return AttentionProbe(features, batch=batch, info=getattr(model, "info", None))
 
 

@@ -10,15 +10,16 @@ the -hf comparison hold to 1e-4):
   - not while tracing, scripting, compiling or exporting (torch.compile / torch.export /
     ONNX see the plain ops and fuse them their own way).
 
-What it does (see decoder.py and encoders/dinov2.py):
+What it does (see decoder.py and the encoders):
   - decoder convolutions run channels-last (NHWC), the layout oneDNN's convolutions use
     natively, instead of reordering every NCHW activation in and out of each conv;
   - a conv's following ReLU and a residual add are fused into the conv (one pass over the
     output, one allocation less: the head's 518 x 518 maps are tens of MB each);
   - fc1 + GELU of a ViT MLP is one oneDNN matmul with a GELU (erf) post-op;
+  - a transposed conv or a patch embedding whose kernel equals its stride is one matmul;
   - linear and conv layers use a copy of their weight in oneDNN's blocked layout, made on
     first use and kept (`packed`): without it every call reorders the weight again (for
-    the large ones that costs as much as the op itself). The cost is memory: the weights
+    the large ones a good part of the op's time). The cost is memory: the weights
     are held twice while the model lives on the CPU (+100 MB for ViT-S, +1.3 GB for
     ViT-L). `PACK_WEIGHTS = False` turns that part off.
 
@@ -270,8 +271,8 @@ def packed(weight: Tensor, as_linear=None) -> Tensor:
 
 def _conv_weight(conv: nn.Conv2d, pad: list) -> Tensor:
     """The conv's weight in oneDNN's blocked layout for these padding/stride/dilation/groups
-    (for a large weight the reorder on every call costs as much as the conv: 384 -> 384
-    3x3 at 19 x 19, 6.8 ms unpacked, 4.1 ms packed)."""
+    (for a large weight, reordering it on every call is a large part of the conv's time:
+    about a third for 384 -> 384 3x3 at 19 x 19)."""
     if not PACK_WEIGHTS:
         return conv.weight
     args = (list(pad), list(conv.stride), list(conv.dilation), conv.groups)

@@ -121,6 +121,27 @@ def test_capture_is_one_encode_and_keeps_features(vits, monkeypatch):
         assert torch.allclose(vits.decode(probe.features), vits(x), atol=1e-5)
 
 
+def test_capture_puts_no_hooks_on_the_shared_model(vits, monkeypatch):
+    """The app runs captures and plain forwards of one model on many threads at once: a
+    hook registered by one capture would run inside the others' passes (and a half-made
+    registration once failed one of them). The encoder compacts each block's q / k in its
+    own loop instead, while the pass runs."""
+    compact_during_pass = []
+    encode = vits.encode
+
+    def spy(x, record):
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in vits.modules())
+        feats = encode(x, record)
+        compact_during_pass.extend(t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                                   for rec in feats.blocks for t in (rec.q, rec.k))
+        return feats
+
+    monkeypatch.setattr(vits, "encode", spy)
+    attention.capture(vits, torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(5)), batch=1)
+    assert compact_during_pass and all(compact_during_pass)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in vits.modules())
+
+
 def test_nbytes_is_q_and_k_only(vits_probe):
     """The probe holds q and k per block (compact copies, v freed) and, once a column was
     asked, heads x N normalisers for that layer; never an N x N matrix."""

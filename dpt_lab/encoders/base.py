@@ -84,6 +84,31 @@ class BlockRecord:
     def num_heads(self) -> int:
         return int(self.q.shape[1])
 
+    def compact(self) -> None:
+        """Replace q / k (views into the block's qkv output, which also holds v) by tight
+        copies, so the qkv tensor can be freed. Same values, same shapes."""
+        for name in ("q", "k"):
+            t = getattr(self, name)
+            if isinstance(t, Tensor) and not _owns_storage(t):
+                setattr(self, name, t.contiguous() if not t.is_contiguous() else t.clone())
+
+
+def _owns_storage(t: Tensor) -> bool:
+    """True when `t` is contiguous and its storage holds nothing else (no v, no batch)."""
+    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def keep_record(record: "Record", rec: BlockRecord, tokens: Tensor, blocks: list) -> None:
+    """After a block has run: its token norms if asked for, its q / k compacted right away
+    (so the pass holds about what the attention tool keeps, not every block's qkv output),
+    and the record appended to `blocks`. Done inside the encoder's loop, not by forward
+    hooks: hooks on a shared model would reach other threads' passes."""
+    if record.norms:
+        rec.token_norms = token_norms(tokens)
+    if record.attention:
+        rec.compact()
+    blocks.append(rec)
+
 
 @dataclass
 class EncoderFeatures:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fastpath
-from .base import BlockRecord, EncoderFeatures, Mlp, Record, token_norms
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, keep_record
 
 CACHE_GRIDS = 8   # grids remembered per cache (least recently used dropped first)
 
@@ -206,9 +206,7 @@ class BeitEncoder(nn.Module):
             rec = BlockRecord(grid=(gh, gw), has_cls=True) if keep_blocks else None
             tokens = block(tokens, (gh, gw), index, rec if record.attention else None)
             if rec is not None:
-                if record.norms:
-                    rec.token_norms = token_norms(tokens)
-                blocks.append(rec)
+                keep_record(record, rec, tokens, blocks)
             if i in self.cfg.taps:
                 taps.append(tokens)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import cubic, fastpath
-from .base import BlockRecord, EncoderFeatures, Mlp, Record, token_norms
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, keep_record
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,7 @@ class DinoV2Encoder(nn.Module):
             rec = BlockRecord(grid=(gh, gw), has_cls=True) if keep_blocks else None
             tokens = block(tokens, rec if record.attention else None)
             if rec is not None:
-                if record.norms:
-                    rec.token_norms = token_norms(tokens)
-                blocks.append(rec)
+                keep_record(record, rec, tokens, blocks)
             if i in self.cfg.taps:
                 taps.append(self.norm(tokens))
 

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fastpath
-from .base import BlockRecord, EncoderFeatures, Mlp, Record, WindowLayout, token_norms
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, WindowLayout, keep_record
 
 SHIFT_MASK = -100.0          # between cyclic-shift regions, as in the original
 CACHE_SIZE = 32
@@ -412,9 +412,7 @@ class Swin2Encoder(nn.Module):
                 rec = BlockRecord(grid=grid, has_cls=False, window=layout) if keep else None
                 tokens = block(tokens, layout, rec if record.attention else None)
                 if rec is not None:
-                    if record.norms:
-                        rec.token_norms = token_norms(tokens)
-                    blocks.append(rec)
+                    keep_record(record, rec, tokens, blocks)
             maps.append(tokens.transpose(1, 2).reshape(b, -1, grid[0], grid[1]))
             if stage.downsample is not None:
                 tokens = stage.downsample(tokens, grid)
