@@ -73,3 +73,29 @@ def save_fixture_checkpoint(stem: str, folder: Path) -> Path:
     path = Path(folder) / OFFICIAL_NAMES[stem]
     torch.save(state, path)
     return path
+
+
+# a small valid input per family (multiples of its tile; small keeps the tests fast)
+SMALL_SIZES = {"depth_anything": (98, 126), "dpt_beit": (96, 128), "dpt_swin2": (128, 128)}
+
+
+def small_input(stem: str, batch: int = 1) -> torch.Tensor:
+    size = next(v for k, v in SMALL_SIZES.items() if stem.startswith(k))
+    return torch.randn((batch, 3) + size, generator=torch.Generator().manual_seed(len(stem)))
+
+
+class FixtureModels:
+    """stem -> dpt_lab.load_model of that fixture's checkpoint (saved under its official
+    name in `folder`), loaded on first use and kept. One per test module: its tests may
+    change their models."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._loaded = {}
+
+    def __call__(self, stem: str):
+        import dpt_lab
+
+        if stem not in self._loaded:
+            self._loaded[stem] = dpt_lab.load_model(save_fixture_checkpoint(stem, self.folder))
+        return self._loaded[stem]

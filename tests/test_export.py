@@ -17,11 +17,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import dpt_lab
 from dpt_lab import export, imaging
 from dpt_lab.errors import DPTLabError
 from dpt_lab.export import ExportBusyError, ExportError, ExportReport, VerificationError, export_onnx
-from fixtures import save_fixture_checkpoint
+from fixtures import FixtureModels, save_fixture_checkpoint
 
 # family -> (fixture, export size, an unseen non-square size)
 CASES = {
@@ -44,15 +43,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    loaded = {}
-
-    def get(family):
-        if family not in loaded:
-            loaded[family] = dpt_lab.load_model(save_fixture_checkpoint(CASES[family][0], folder))
-        return loaded[family]
-
-    return get
+    """family -> its CASES fixture model, loaded on first use."""
+    load = FixtureModels(tmp_path_factory.mktemp("ckpt"))
+    return lambda family: load(CASES[family][0])
 
 
 @pytest.fixture(scope="module")

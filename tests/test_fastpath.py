@@ -9,29 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-import dpt_lab
 from dpt_lab import fastpath
-from fixtures import OFFICIAL_NAMES, save_fixture_checkpoint
+from fixtures import OFFICIAL_NAMES, FixtureModels, small_input
 
 pytestmark = pytest.mark.skipif(not fastpath.available(), reason="no oneDNN in this torch build")
 
-SIZES = {"depth_anything": (98, 126), "dpt_beit": (96, 128), "dpt_swin2": (128, 128)}
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fastpath_ckpt")
-    cache = {}
-
-    def get(stem):
-        if stem not in cache:
-            model = dpt_lab.load_model(save_fixture_checkpoint(stem, folder)).eval()
-            size = next(v for k, v in SIZES.items() if stem.startswith(k))
-            x = torch.randn((2, 3) + size, generator=torch.Generator().manual_seed(len(stem)))
-            cache[stem] = (model, x)
-        return cache[stem]
-
-    return get
+    """stem -> (its fixture model, a batch of two small inputs)."""
+    load = FixtureModels(tmp_path_factory.mktemp("fastpath_ckpt"))
+    return lambda stem: (load(stem), small_input(stem, batch=2))
 
 
 def count_packs(monkeypatch) -> list:

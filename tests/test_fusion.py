@@ -19,7 +19,7 @@ from dpt_lab import fusion
 from dpt_lab.encoders.base import EncoderFeatures
 from dpt_lab.errors import DPTLabError
 from dpt_lab.fusion import FusionError, check_scales, parse_scales
-from fixtures import OFFICIAL_NAMES, save_fixture_checkpoint
+from fixtures import OFFICIAL_NAMES, FixtureModels, save_fixture_checkpoint, small_input
 
 STEMS = sorted(OFFICIAL_NAMES)
 # one checkpoint per family for the factor checks (ViT-B / ViT-L are DA v2 at other widths:
@@ -29,25 +29,16 @@ FAMILY_STEMS = ["depth_anything_v1_vits", "depth_anything_v2_vits", "depth_anyth
 PHOTO = str(Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg")   # 451 x 300
 
 
-# a small input per family (any valid size shows the same thing; small keeps the file fast)
-SIZES = {"depth_anything": (98, 126), "dpt_beit": (96, 128), "dpt_swin2": (128, 128)}
-
-
-def small_input(stem):
-    size = next(v for k, v in SIZES.items() if stem.startswith(k))
-    return torch.randn((1, 3) + size, generator=torch.Generator().manual_seed(len(stem)))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """stem -> (model, input, its features, the hand-computed fusion inputs), loaded on first use."""
-    folder = tmp_path_factory.mktemp("fusion_ckpt")
+    load = FixtureModels(tmp_path_factory.mktemp("fusion_ckpt"))
     cache = {}
 
     def get(stem):
         if stem not in cache:
-            model = dpt_lab.load_model(save_fixture_checkpoint(stem, folder)).eval()
-            x = small_input(stem)
+            model = load(stem).eval()
+            x = small_input(stem)         # any valid size shows the same thing
             with torch.inference_mode():
                 feats = model.encode(x)
                 inputs = hand_fusion_inputs(model.decoder, feats)
