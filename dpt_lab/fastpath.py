@@ -21,7 +21,8 @@ What it does (see decoder.py and the encoders):
     first use and kept (`packed`): without it every call reorders the weight again (for
     the large ones a good part of the op's time). The cost is memory: the weights
     are held twice while the model lives on the CPU (+100 MB for ViT-S, +1.3 GB for
-    ViT-L). `PACK_WEIGHTS = False` turns that part off.
+    ViT-L), up to PACK_LIMIT_BYTES (2 GiB) for all models together; past it, weights run
+    unpacked (ViT-G, or several large models). `PACK_WEIGHTS = False` turns it off.
 
 `disabled()` turns it off (for A/B timing, or to get the plain ops' exact bits):
 
@@ -32,6 +33,7 @@ What it does (see decoder.py and the encoders):
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Optional
 
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 
 ENABLED = True      # module switch; `disabled()` is the scoped way to turn it off
 PACK_WEIGHTS = True  # keep oneDNN-blocked copies of linear and conv weights (see the module doc)
+PACK_LIMIT_BYTES = 2 << 30   # at most this much in packed copies, process-wide; past it, weights run unpacked
 
 _available: Optional[bool] = None
 
@@ -238,35 +241,70 @@ def patch_tokens(conv: nn.Conv2d, x: Tensor) -> Tensor:
                                               "none", [], "none")
 
 
-# id(weight) -> (weakref to the weight, (version, data_ptr) when packed, {layout: packed copy})
+# id(weight) -> (weakref to the weight, (version, data_ptr) when packed, {layout: (packed copy, bytes)})
 _packs: dict[int, tuple[weakref.ref, tuple[int, int], dict]] = {}
+_packs_lock = threading.RLock()    # re-entrant: a weakref callback may run inside it
+_packed_bytes = 0       # held in packed copies, all models together (see PACK_LIMIT_BYTES)
 
 
-def _packed(weight: Tensor, layout: tuple, make) -> Tensor:
+def packed_bytes() -> int:
+    """Bytes held in packed weight copies now, process-wide."""
+    return _packed_bytes
+
+
+def _packed(weight: Tensor, layout: tuple, make) -> Optional[Tensor]:
     """make(weight) (a oneDNN-blocked copy for `layout`), made once and reused; remade if
     the weight is changed in place (PyTorch's version counter) or given new storage.
     Edits that bypass the counter (through `weight.data`, or to an inference tensor inside
     inference_mode) are not seen: call `release` after them. The copies go with the
-    weight (or with `release`)."""
+    weight (or with `release`). None (use the weight as it is) while another thread is
+    making the copy, or when it would take the packed copies past PACK_LIMIT_BYTES."""
+    global _packed_bytes
     # an inference tensor has no version counter; it cannot change outside inference_mode
     key, stamp = id(weight), (-1 if weight.is_inference() else weight._version, weight.data_ptr())
-    hit = _packs.get(key)
-    if hit is None or hit[0]() is not weight or hit[1] != stamp:
-        hit = _packs[key] = (weakref.ref(weight, lambda ref, key=key: _forget(key, ref)), stamp, {})
-    blocked = hit[2].get(layout)
-    if blocked is None:
-        blocked = hit[2][layout] = make(weight.detach())
+    size = weight.numel() * weight.element_size()
+    with _packs_lock:
+        hit = _packs.get(key)
+        if hit is None or hit[0]() is not weight or hit[1] != stamp:
+            _drop(key)
+            hit = _packs[key] = (weakref.ref(weight, lambda ref, key=key: _drop(key, ref)), stamp, {})
+        copy = hit[2].get(layout)
+        if copy is not None:
+            return copy[0]
+        if _packed_bytes + size > PACK_LIMIT_BYTES:
+            return None
+        _packed_bytes += size
+        hit[2][layout] = (None, size)                 # reserved: made outside the lock
+    blocked = make(weight.detach())
+    with _packs_lock:
+        if _packs.get(key) is hit:                    # (not dropped meanwhile: that freed the bytes)
+            hit[2][layout] = (blocked, size)
     return blocked
+
+
+def _drop(key: int, ref: Optional[weakref.ref] = None) -> None:
+    """Forget the packed copies of the weight with this id (if `ref` is given: only if the
+    entry is still that weight's, as its weakref callback)."""
+    global _packed_bytes
+    with _packs_lock:
+        hit = _packs.get(key)
+        if hit is None or (ref is not None and hit[0] is not ref):
+            return
+        del _packs[key]
+        _packed_bytes -= sum(size for _, size in hit[2].values())
 
 
 def packed(weight: Tensor, as_linear=None) -> Tensor:
     """A linear weight (out x in, float32, CPU) in oneDNN's blocked layout for
     _linear_pointwise (see `_packed`). `as_linear(weight)`, if given, first turns another
     layer's weight into that out x in matrix."""
-    if not PACK_WEIGHTS:
+    blocked = None
+    if PACK_WEIGHTS:
+        blocked = _packed(weight, ("linear", as_linear), lambda w: torch.ops.mkldnn._reorder_linear_weight(
+            (w if as_linear is None else as_linear(w)).contiguous(), None))
+    if blocked is None:
         return weight if as_linear is None else as_linear(weight)
-    return _packed(weight, ("linear", as_linear), lambda w: torch.ops.mkldnn._reorder_linear_weight(
-        (w if as_linear is None else as_linear(w)).contiguous(), None))
+    return blocked
 
 
 def _conv_weight(conv: nn.Conv2d, pad: list) -> Tensor:
@@ -276,14 +314,9 @@ def _conv_weight(conv: nn.Conv2d, pad: list) -> Tensor:
     if not PACK_WEIGHTS:
         return conv.weight
     args = (list(pad), list(conv.stride), list(conv.dilation), conv.groups)
-    return _packed(conv.weight, ("conv", repr(args)), lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+    blocked = _packed(conv.weight, ("conv", repr(args)), lambda w: torch.ops.mkldnn._reorder_convolution_weight(
         w.contiguous(), *args, None))
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    hit = _packs.get(key)
-    if hit is not None and hit[0] is ref:
-        del _packs[key]
+    return conv.weight if blocked is None else blocked
 
 
 def release(module: nn.Module) -> None:
@@ -291,7 +324,7 @@ def release(module: nn.Module) -> None:
     or when the model moves off the CPU or changes dtype (the copies would only hold
     memory; DepthModel does this itself on .to() / .cuda() / .half())."""
     for p in module.parameters():
-        _packs.pop(id(p), None)
+        _drop(id(p))
 
 
 def linear_gelu(fc: nn.Linear, x: Tensor) -> Tensor:

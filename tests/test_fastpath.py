@@ -197,3 +197,51 @@ def test_fastpath_conv2d_module():
     y = torch.randn(1, 4, 6, 6)
     with torch.inference_mode():
         assert torch.equal(fastpath.conv(odd, y), ref(y))
+
+
+def test_packed_copies_stay_under_the_limit_and_are_counted(monkeypatch):
+    base = fastpath.packed_bytes()
+    size = 40 * 24 * 4
+    monkeypatch.setattr(fastpath, "PACK_LIMIT_BYTES", base + size + 10)      # room for one
+    first, second = linear_layer(1), linear_layer(2)
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        for fc in (first, second):
+            torch.testing.assert_close(fastpath.linear(fc, x), fc(x), rtol=1e-5, atol=1e-6)
+    assert fastpath.packed(first.weight) is not first.weight               # packed
+    assert fastpath.packed(second.weight) is second.weight                 # over the limit: as it is
+    assert fastpath.packed_bytes() == base + size
+    del first
+    gc.collect()
+    assert fastpath.packed_bytes() == base                                  # went with its weight
+    with torch.inference_mode():
+        assert fastpath.packed(second.weight) is not second.weight          # room again
+    fastpath.release(second)
+    assert fastpath.packed_bytes() == base
+
+
+def test_packing_from_many_threads_at_once():
+    import threading
+
+    base = fastpath.packed_bytes()
+    fc = linear_layer(5, n_in=256, n_out=512)
+    x = torch.randn(3, 256)
+    want = fc(x).detach()
+    results, start = [], threading.Barrier(8)
+
+    def run():
+        start.wait()
+        with torch.inference_mode():
+            results.append(fastpath.linear(fc, x))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    for got in results:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert fastpath.packed_bytes() == base + 512 * 256 * 4                  # one copy, counted once
+    fastpath.release(fc)
+    assert fastpath.packed_bytes() == base

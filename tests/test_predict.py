@@ -259,8 +259,9 @@ def official_predict(model, path, base_size=None, spec=None):
         spec = spec or OFFICIAL[model.info.family]
         rgb = official_read(path)
         depth = run_model(model, official_input(rgb, spec, target=base_size))
-        _official_depths[key] = official_depth_back(depth, rgb.shape[:2], spec)
-    return _official_depths[key]
+        # the model is kept with its depth: a freed model's id can come back for another
+        _official_depths[key] = (model, official_depth_back(depth, rgb.shape[:2], spec))
+    return _official_depths[key][1]
 
 
 @pytest.mark.parametrize("stem,image,base_size", PREDICT_CASES)
