@@ -18,3 +18,10 @@ def app_server(request, tmp_path_factory):
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """One folder of fixture checkpoints for the whole run (fixtures.FixtureModels writes
+    each at most once: the ViT-L one alone is 1.3 GB)."""
+    return tmp_path_factory.mktemp("fixture_checkpoints")

@@ -86,8 +86,9 @@ def small_input(stem: str, batch: int = 1) -> torch.Tensor:
 
 class FixtureModels:
     """stem -> dpt_lab.load_model of that fixture's checkpoint (saved under its official
-    name in `folder`), loaded on first use and kept. One per test module: its tests may
-    change their models."""
+    name in `folder` unless already there: the conftest's session-wide `checkpoint_dir`
+    lets modules share the files), loaded on first use and kept. One per test module: its
+    tests may change their models, never the files."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -97,5 +98,11 @@ class FixtureModels:
         import dpt_lab
 
         if stem not in self._loaded:
-            self._loaded[stem] = dpt_lab.load_model(save_fixture_checkpoint(stem, self.folder))
+            self._loaded[stem] = dpt_lab.load_model(fixture_checkpoint(stem, self.folder))
         return self._loaded[stem]
+
+
+def fixture_checkpoint(stem: str, folder: Path) -> Path:
+    """The fixture's checkpoint under its official name in `folder`, written if not there."""
+    path = Path(folder) / OFFICIAL_NAMES[stem]
+    return path if path.exists() else save_fixture_checkpoint(stem, folder)

@@ -42,9 +42,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(checkpoint_dir):
     """family -> its CASES fixture model, loaded on first use."""
-    load = FixtureModels(tmp_path_factory.mktemp("ckpt"))
+    load = FixtureModels(checkpoint_dir)
     return lambda family: load(CASES[family][0])
 
 

@@ -15,9 +15,9 @@ from fixtures import OFFICIAL_NAMES, FixtureModels, small_input
 pytestmark = pytest.mark.skipif(not fastpath.available(), reason="no oneDNN in this torch build")
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(checkpoint_dir):
     """stem -> (its fixture model, a batch of two small inputs)."""
-    load = FixtureModels(tmp_path_factory.mktemp("fastpath_ckpt"))
+    load = FixtureModels(checkpoint_dir)
     return lambda stem: (load(stem), small_input(stem, batch=2))
 
 

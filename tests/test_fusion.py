@@ -30,9 +30,9 @@ PHOTO = str(Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg")   # 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(checkpoint_dir):
     """stem -> (model, input, its features, the hand-computed fusion inputs), loaded on first use."""
-    load = FixtureModels(tmp_path_factory.mktemp("fusion_ckpt"))
+    load = FixtureModels(checkpoint_dir)
     cache = {}
 
     def get(stem):

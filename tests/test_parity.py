@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dpt_lab
-from fixtures import OFFICIAL_NAMES, fixture, save_fixture_checkpoint
+from fixtures import OFFICIAL_NAMES, fixture, fixture_checkpoint, save_fixture_checkpoint
 
 EXPECTED_FAMILY = {
     "depth_anything_v2_vits": ("depth_anything_v2", "vits", (2, 5, 8, 11)),
@@ -20,9 +20,8 @@ EXPECTED_FAMILY = {
 
 
 @pytest.mark.parametrize("stem", sorted(OFFICIAL_NAMES))
-def test_original_output_reproduced(stem, tmp_path):
-    path = save_fixture_checkpoint(stem, tmp_path)
-    model = dpt_lab.load_model(path)
+def test_original_output_reproduced(stem, checkpoint_dir):
+    model = dpt_lab.load_model(fixture_checkpoint(stem, checkpoint_dir))
     _, x, expected = fixture(stem)
     with torch.inference_mode():
         got = model(x)

@@ -24,7 +24,7 @@ from PIL import Image
 
 import dpt_lab
 from dpt_lab.imaging import load_image
-from fixtures import DATA, OFFICIAL_NAMES, key_rows, save_fixture_checkpoint
+from fixtures import DATA, OFFICIAL_NAMES, FixtureModels, key_rows
 from test_imaging import official_resize_size
 
 cv2 = pytest.importorskip("cv2")
@@ -161,18 +161,15 @@ def zero_weight_model(stem):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(checkpoint_dir):
     """stem -> model: the synthesized checkpoint through load_model (the five that run),
     zero weights for the ViT-B / ViT-L layouts (only their preprocessing is tested)."""
-    folder = tmp_path_factory.mktemp("predict_ckpt")
+    load = FixtureModels(checkpoint_dir)
     cache = {}
 
     def get(stem):
         if stem not in cache:
-            if stem in FORWARD_STEMS:
-                cache[stem] = dpt_lab.load_model(save_fixture_checkpoint(stem, folder)).eval()
-            else:
-                cache[stem] = zero_weight_model(stem)
+            cache[stem] = load(stem).eval() if stem in FORWARD_STEMS else zero_weight_model(stem)
         return cache[stem]
 
     return get
