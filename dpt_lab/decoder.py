@@ -69,7 +69,7 @@ class Reassemble(nn.Module):
             readout = cls[:, None, :].expand(-1, tokens.shape[1], -1)
             tokens = torch.cat([tokens, readout], dim=-1)
             if fast:
-                tokens = fastpath.linear_gelu(self.readout_proj, tokens)
+                tokens = fastpath.linear(self.readout_proj, tokens, gelu=True)
                 fmap = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)     # channels-last view
             else:
                 tokens = F.gelu(self.readout_proj(tokens))

@@ -188,10 +188,12 @@ def linear(fc: nn.Linear, x: Tensor, gelu: bool = False, bias=_MODULE_BIAS) -> T
     """fc(x), or gelu(fc(x)) (the exact erf GELU) with the GELU as a post-op, as one oneDNN
     matmul on the packed weight (on this kind of CPU 10-15% faster than the MKL sgemm
     behind F.linear, and the fused GELU saves a pass over the MLP's widest tensor).
-    `bias` replaces the module's (BEiT and SwinV2 build their qkv bias from q and v parts)."""
+    `bias` replaces the module's (BEiT and SwinV2 build their qkv bias from q and v parts).
+    Where the fast path does not apply: F.linear (+ F.gelu), the plain ops' exact bits."""
     if bias is _MODULE_BIAS:
         bias = fc.bias
-    if x.dim() == 0 or fc.weight.dtype != torch.float32:
+    grad_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    if not active(x, fc) or grad_bias or x.dim() == 0 or fc.weight.dtype != torch.float32:
         y = F.linear(x, fc.weight, bias)
         return F.gelu(y) if gelu else y
     return torch.ops.mkldnn._linear_pointwise(x, packed(fc.weight), bias, "gelu" if gelu else "none", [], "none")
@@ -326,6 +328,3 @@ def release(module: nn.Module) -> None:
     for p in module.parameters():
         _drop(id(p))
 
-
-def linear_gelu(fc: nn.Linear, x: Tensor) -> Tensor:
-    return linear(fc, x, gelu=True)

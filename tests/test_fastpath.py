@@ -245,3 +245,15 @@ def test_packing_from_many_threads_at_once():
     assert fastpath.packed_bytes() == base + 512 * 256 * 4                  # one copy, counted once
     fastpath.release(fc)
     assert fastpath.packed_bytes() == base
+
+
+def test_linear_keeps_autograd_for_a_bias_that_needs_it():
+    fc = linear_layer(6).requires_grad_(False)
+    bias = torch.randn(40, requires_grad=True)               # BEiT / SwinV2 build their qkv bias
+    x = torch.randn(4, 24)
+    y = fastpath.linear(fc, x, bias=bias)
+    assert torch.equal(y, torch.nn.functional.linear(x, fc.weight, bias))   # the plain op, exactly
+    y.sum().backward()
+    assert bias.grad is not None and torch.equal(bias.grad, torch.full((40,), 4.0))
+    with torch.no_grad():
+        torch.testing.assert_close(fastpath.linear(fc, x, bias=bias), y.detach(), rtol=1e-5, atol=1e-6)

@@ -136,8 +136,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, grid: tuple[int, int], index: Tensor, rec: BlockRecord | None) -> Tensor:
         b, n, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        fast = fastpath.active(x, self)
-        qkv = fastpath.linear(self.qkv, x, bias=bias) if fast else F.linear(x, self.qkv.weight, bias)
+        qkv = fastpath.linear(self.qkv, x, bias=bias)
         q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         table = self.rel_table(grid, q.dtype)
         if rec is not None:
@@ -146,7 +145,7 @@ class Attention(nn.Module):
         mask = table.t()[:, index]                           # (heads, N, N), one block at a time
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, c)
-        return fastpath.linear(self.proj, out) if fast else self.proj(out)
+        return fastpath.linear(self.proj, out)
 
 
 class Block(nn.Module):

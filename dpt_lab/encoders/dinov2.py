@@ -45,13 +45,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rec: BlockRecord | None) -> Tensor:
         b, n, c = x.shape
-        fast = fastpath.active(x, self)
-        qkv = fastpath.linear(self.qkv, x) if fast else self.qkv(x)
+        qkv = fastpath.linear(self.qkv, x)
         q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         if rec is not None:
             rec.q, rec.k, rec.scale = q, k, self.scale
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, n, c)
-        return fastpath.linear(self.proj, out) if fast else self.proj(out)
+        return fastpath.linear(self.proj, out)
 
 
 class SwiGLU(nn.Module):
@@ -61,11 +60,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        if fastpath.active(x, self):
-            gate, value = fastpath.linear(self.w12, x).chunk(2, dim=-1)
-            return fastpath.linear(self.w3, F.silu(gate) * value)
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+        gate, value = fastpath.linear(self.w12, x).chunk(2, dim=-1)
+        return fastpath.linear(self.w3, F.silu(gate) * value)
 
 
 class Block(nn.Module):

@@ -287,8 +287,7 @@ class WindowAttention(nn.Module):
         (h, w), (hp, wp), ws = layout.grid, layout.padded, layout.window
         heads, d = self.heads, c // self.heads
         bias_qkv = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        fast = fastpath.active(x, self)
-        qkv = fastpath.linear(self.qkv, x, bias=bias_qkv) if fast else F.linear(x, self.qkv.weight, bias_qkv)
+        qkv = fastpath.linear(self.qkv, x, bias=bias_qkv)
         qkv = qkv.reshape(b, n_tok, 3, heads, d)
         q = F.normalize(qkv[:, :, 0], dim=-1)            # (B, N, heads, d)
         k = F.normalize(qkv[:, :, 1], dim=-1)
@@ -323,7 +322,7 @@ class WindowAttention(nn.Module):
         if rolls:
             out = _roll(out, (hp, wp), (sh, sw), back=True)
         out = out[:, :h, :w].reshape(b, h * w, c)
-        return fastpath.linear(self.proj, out) if fast else self.proj(out)
+        return fastpath.linear(self.proj, out)
 
 
 class Block(nn.Module):
@@ -353,7 +352,7 @@ class PatchMerging(nn.Module):
         x = x.reshape(b, h // 2, 2, w // 2, 2, c)
         # channel blocks ordered by (col offset, row offset): (0,0), (1,0), (0,1), (1,1) as (row, col)
         x = x.permute(0, 1, 3, 4, 2, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-        return self.norm(fastpath.linear(self.reduction, x) if fastpath.active(x, self) else self.reduction(x))
+        return self.norm(fastpath.linear(self.reduction, x))
 
 
 class PatchEmbed(nn.Module):
