@@ -64,13 +64,19 @@ def build_reference(folder: Path, seed: int = 0):
 
 
 def interleaved(fns: dict, runs: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
-    """One call of each function per round; wall and process CPU seconds per call."""
+    """One call of each function per round; wall and process CPU seconds per call.
+
+    The order rotates from round to round, so that no function always runs right after
+    the same one (transformers' forward hands ~250 MB back to the OS each call, and
+    whatever runs next takes the page faults of reclaiming it)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     out = {name: {"wall": [], "cpu": []} for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(runs):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             c, t = time.process_time(), time.perf_counter()
             fn()
             out[name]["wall"].append(time.perf_counter() - t)
@@ -243,7 +249,9 @@ def kernel_rates(model, size: int, rounds: int = 20) -> list[tuple[str, float, f
         heads, width = block.attn.heads, block.attn.qkv.in_features
         q, k, v = (torch.randn(1, heads, n, width // heads, generator=gen) for _ in range(3))
         ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
-        rows.append((f"attention (SDPA, {heads} heads x {n} tokens x {width // heads})", ms, 4 * n * n * width / ms / 1e6))
+        flops = 4 * n * n * width
+        rows.append((f"attention (SDPA, {heads} heads x {n} tokens x {width // heads})", ms, flops / ms / 1e6))
+        rows += attention_alternatives(q, k, v, median_ms, flops)
         dec = model.decoder
         g = size // patch
         for name, conv, cin_hw in (("head conv1", dec.head.conv1, 8 * g), ("fusion 0 RCU conv", dec.fusion[0].rcu2.conv1, 4 * g),
@@ -255,6 +263,41 @@ def kernel_rates(model, size: int, rounds: int = 20) -> list[tuple[str, float, f
             out_hw = shape[2] * shape[3] if cin_hw else 64 * size
             rows.append((f"conv {name} ({conv.in_channels} -> {conv.out_channels}, {shape[2]} x {shape[3]})", ms,
                          2 * out_hw * conv.in_channels * conv.out_channels * 9 / ms / 1e6))
+    return rows
+
+
+def attention_alternatives(q, k, v, median_ms, flops: float) -> list[tuple[str, float, float]]:
+    """What else PyTorch offers for the attention, at the same shapes: the plain ops one head
+    at a time into buffers made once (a head's scores, 7.5 MB, stay in L3; all heads at once
+    they are 45 MB of fresh memory per call), with the softmax in place; the two matrix
+    products of that without the softmax (what any unfused version costs at least); and
+    flex_attention compiled by inductor (needs a C++ compiler; skipped without one)."""
+    scale = q.shape[-1] ** -0.5
+    qs, ks, vs = q[0] * scale, k[0], v[0]
+    scores = torch.empty(qs.shape[1], ks.shape[1])
+    out = torch.empty_like(qs)
+
+    def per_head(softmax: bool = True):
+        for h in range(qs.shape[0]):
+            torch.mm(qs[h], ks[h].t(), out=scores)
+            if softmax:
+                torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            torch.mm(scores, vs[h], out=out[h])
+
+    rows = []
+    for name, fn in (("attention, per head: mm, softmax in place, mm", per_head),
+                     ("attention, per head: the two mm alone", lambda: per_head(softmax=False))):
+        ms = median_ms(fn)
+        rows.append((name, ms, flops / ms / 1e6))
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention)
+        with torch.no_grad():
+            ms = median_ms(lambda: compiled(q, k, v, scale=scale))
+        rows.append(("attention, flex_attention (torch.compile)", ms, flops / ms / 1e6))
+    except Exception as e:  # noqa: BLE001 - no compiler or no CPU template: say so, go on
+        print(f"flex_attention not timed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
     return rows
 
 
@@ -278,7 +321,8 @@ def render(r: dict) -> str:
         f"`dpt_lab.load_model`), one {r['size']}x{r['size']} input, CPU float32, `torch.inference_mode`, "
         f"{r['threads']} threads, one process.",
         f"Machine: {r['machine']}. Command: `{r['cmd']}`.",
-        "Interleaved rounds (one call of each per round, after a warm-up round); medians of "
+        "Interleaved rounds (one call of each per round, the order rotating round by round, after a "
+        "warm-up round); medians of "
         f"{r['runs']} rounds. Process CPU time (all threads) is given beside wall time: the machine is shared.",
         "",
         "| model | wall (median) | CPU time (median) | transformers / this (wall) |",
