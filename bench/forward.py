@@ -10,7 +10,7 @@ one random 3 x size x size input, CPU float32, under torch.inference_mode, in on
 with the same thread count:
 
   - the outputs' max abs difference, and relative to max |transformers| (goal <= 1e-4);
-  - interleaved timing (one call of each per round, after a warm-up round), medians of
+  - interleaved timing (one call of each per round, the order rotating, after a warm-up round), medians of
     --runs rounds: wall time, and process CPU time (all threads) as a second opinion on a
     busy machine; dpt_lab is timed as loaded (the CPU fast path, dpt_lab/fastpath.py) and
     with the fast path but its linear weights not packed (fastpath.PACK_WEIGHTS = False), and
@@ -20,7 +20,8 @@ with the same thread count:
     call (compilation) and its steady-state time, beside the eager one;
   - --rates: GFLOP/s of the forward's main kernels at its shapes (each linear layer, the
     attention, the largest decoder convs), beside a 2048 x 2048 matmul (what this CPU
-    does in float32): how far from the floor each part runs;
+    does in float32): how far from the floor each part runs; and what else PyTorch offers
+    for the attention (plain ops per head, compiled flex_attention) at its shapes;
   - --write: bench/results/forward.md.
 """
 
