@@ -223,7 +223,7 @@ def kernel_rates(model, size: int, rounds: int = 20) -> list[tuple[str, float, f
     path calls them (packed weights, channels-last maps)."""
     import torch.nn.functional as F
 
-    def median_ms(fn):
+    def ms_per_call(fn):
         for _ in range(3):
             fn()
         times = []
@@ -240,19 +240,19 @@ def kernel_rates(model, size: int, rounds: int = 20) -> list[tuple[str, float, f
     rows = []
     with torch.inference_mode():
         big = torch.randn(2048, 2048, generator=gen)
-        ms = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(big, fastpath.packed(big), None, "none", [], "none"))
+        ms = ms_per_call(lambda: torch.ops.mkldnn._linear_pointwise(big, fastpath.packed(big), None, "none", [], "none"))
         rows.append(("matmul 2048 x 2048 x 2048 (reference)", ms, 2 * 2048 ** 3 / ms / 1e6))
         for name, fc in (("qkv", block.attn.qkv), ("proj", block.attn.proj), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)):
             x = torch.randn(1, n, fc.in_features, generator=gen)
-            ms = median_ms(lambda: fastpath.linear(fc, x))
+            ms = ms_per_call(lambda: fastpath.linear(fc, x))
             rows.append((f"linear {name} ({n} x {fc.in_features} -> {fc.out_features})", ms,
                          2 * n * fc.in_features * fc.out_features / ms / 1e6))
         heads, width = block.attn.heads, block.attn.qkv.in_features
         q, k, v = (torch.randn(1, heads, n, width // heads, generator=gen) for _ in range(3))
-        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        ms = ms_per_call(lambda: F.scaled_dot_product_attention(q, k, v))
         flops = 4 * n * n * width
         rows.append((f"attention (SDPA, {heads} heads x {n} tokens x {width // heads})", ms, flops / ms / 1e6))
-        rows += attention_alternatives(q, k, v, median_ms, flops)
+        rows += attention_alternatives(q, k, v, ms_per_call, flops)
         dec = model.decoder
         g = size // patch
         for name, conv, cin_hw in (("head conv1", dec.head.conv1, 8 * g), ("fusion 0 RCU conv", dec.fusion[0].rcu2.conv1, 4 * g),
@@ -260,14 +260,14 @@ def kernel_rates(model, size: int, rounds: int = 20) -> list[tuple[str, float, f
             shape = (1, conv.in_channels, cin_hw, cin_hw) if cin_hw else (1, conv.in_channels, 66, size)
             x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
             pad = None if cin_hw else (0, 1)
-            ms = median_ms(lambda: fastpath.conv(conv, x, padding=pad))
+            ms = ms_per_call(lambda: fastpath.conv(conv, x, padding=pad))
             out_hw = shape[2] * shape[3] if cin_hw else 64 * size
             rows.append((f"conv {name} ({conv.in_channels} -> {conv.out_channels}, {shape[2]} x {shape[3]})", ms,
                          2 * out_hw * conv.in_channels * conv.out_channels * 9 / ms / 1e6))
     return rows
 
 
-def attention_alternatives(q, k, v, median_ms, flops: float) -> list[tuple[str, float, float]]:
+def attention_alternatives(q, k, v, ms_per_call, flops: float) -> list[tuple[str, float, float]]:
     """What else PyTorch offers for the attention, at the same shapes: the plain ops one head
     at a time into buffers made once (a head's scores, 7.5 MB, stay in L3; all heads at once
     they are 45 MB of fresh memory per call), with the softmax in place; the two matrix
@@ -288,14 +288,14 @@ def attention_alternatives(q, k, v, median_ms, flops: float) -> list[tuple[str, 
     rows = []
     for name, fn in (("attention, per head: mm, softmax in place, mm", per_head),
                      ("attention, per head: the two mm alone", lambda: per_head(softmax=False))):
-        ms = median_ms(fn)
+        ms = ms_per_call(fn)
         rows.append((name, ms, flops / ms / 1e6))
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
         compiled = torch.compile(flex_attention)
         with torch.no_grad():
-            ms = median_ms(lambda: compiled(q, k, v, scale=scale))
+            ms = ms_per_call(lambda: compiled(q, k, v, scale=scale))
         rows.append(("attention, flex_attention (torch.compile)", ms, flops / ms / 1e6))
     except Exception as e:  # noqa: BLE001 - no compiler or no CPU template: say so, go on
         print(f"flex_attention not timed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
