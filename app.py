@@ -21,6 +21,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from dpt_lab import memory
 from dpt_lab import session as S          # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError
 
@@ -54,6 +55,8 @@ def user_errors(fn):
         except Exception as exc:   # noqa: BLE001 - a bug: log it, answer with one line
             traceback.print_exc()
             raise user_error(f"internal error ({type(exc).__name__}: {exc}); see the server log") from None
+        finally:
+            memory.release()       # the request's freed pages back to the OS (see dpt_lab.memory)
 
     return wrapper
 
@@ -99,6 +102,7 @@ def skips(n: int):
 
 # -- the app -------------------------------------------------------------------------------
 def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
+    memory.configure()         # before any model loads: RSS levels off under traffic (idempotent)
     lab = lab or S.Lab(manager)
 
     banner = manager.banner()
@@ -501,6 +505,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    memory.configure()         # first, while this process has one thread
     try:
         manager = S.ModelManager(args.model, weights_dir=args.weights_dir, device=args.device,
                                  max_models=args.max_models)
@@ -511,6 +516,7 @@ def main(argv=None) -> int:
     if manager.untrained:
         print("dpt-lab: WARNING: " + manager.banner().replace("**", "").replace("`", ""), flush=True)
     demo = build_app(manager)
+    print(f"dpt-lab: {memory.state().line()}", flush=True)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None,
                 max_file_size=MAX_FILE_SIZE, allowed_paths=[str(ASSETS)], css=CSS, show_error=False,

@@ -23,44 +23,21 @@ import argparse
 import os
 import platform
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server import ROOT, app_env, proc_status, start_app, stop_app  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "motorcycle_left.jpg")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM (kB) of a process from /proc."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return out
 
 
 def images(folder: Path, n: int) -> list[Path]:
@@ -75,44 +52,14 @@ def images(folder: Path, n: int) -> list[Path]:
     return out
 
 
-def start_app(tmp: Path, python: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def launch(tmp: Path, python: str, threads: int | None):
     from fixtures import save_fixture_checkpoint
 
     weights = tmp / "weights"
     weights.mkdir()
     save_fixture_checkpoint("depth_anything_v2_vits", weights)
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"), GRADIO_ANALYTICS_ENABLED="False",
-               GRADIO_TEMP_DIR=str(tmp / "gradio"))
-    for k in ("DPT_LAB_MODEL", "DPT_LAB_WEIGHTS", "DPT_LAB_CACHE_MB"):
-        env.pop(k, None)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen([python, str(ROOT / "app.py"), "--port", str(port), "--weights-dir", str(weights)],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "config", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("app.py did not answer within 180 s")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    return start_app(tmp, python, weights, app_env(tmp, **extra))
 
 
 def clicks_run(sessions: list, clicks: int, seed: int) -> tuple[list[float], float]:
@@ -171,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dpt_lab_concurrency_") as tmp:
         tmp = Path(tmp)
         pics = images(tmp, args.sessions)
-        proc, url = start_app(tmp, args.python, args.threads)
+        proc, url = launch(tmp, args.python, args.threads)
         peak = {"rss": 0}
         done = threading.Event()
 

@@ -16,44 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server import ROOT, app_env, cpu_seconds, free_port, http_status, stop_app  # noqa: E402
+
 GOAL_S = 8.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status(url: str, timeout: float = 1.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process (Linux /proc), NaN elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
 def one_run(python: str, timeout: float) -> dict:
@@ -61,10 +34,7 @@ def one_run(python: str, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="dpt_lab_startup_") as tmp:
         weights = Path(tmp) / "weights"
         weights.mkdir()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(Path(tmp) / "hf"), GRADIO_ANALYTICS_ENABLED="False",
-                   DPT_LAB_WEIGHTS=str(weights), GRADIO_TEMP_DIR=str(Path(tmp) / "gradio"))
-        for k in ("DPT_LAB_MODEL", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-            env.pop(k, None)
+        env = app_env(Path(tmp), DPT_LAB_WEIGHTS=str(weights))
         cmd = [python, str(ROOT / "app.py"), "--port", str(port), "--weights-dir", str(weights)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -73,22 +43,17 @@ def one_run(python: str, timeout: float) -> dict:
             while time.perf_counter() - t0 < timeout:
                 if proc.poll() is not None:
                     raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-                if page is None and status(f"http://127.0.0.1:{port}/") == 200:
+                if page is None and http_status(f"http://127.0.0.1:{port}/") == 200:
                     page = time.perf_counter() - t0
                     cpu = cpu_seconds(proc.pid)
-                if page is not None and status(f"http://127.0.0.1:{port}/config") == 200:
+                if page is not None and http_status(f"http://127.0.0.1:{port}/config") == 200:
                     config = time.perf_counter() - t0
                     break
                 time.sleep(0.05)
             else:
                 raise RuntimeError(f"no HTTP 200 within {timeout:g} s")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_app(proc)
     return {"page": page, "config": config, "cpu": cpu}
 
 

@@ -116,7 +116,7 @@ class FusionBlock(nn.Module):
         # out_conv is 1x1 and bilinear weights sum to 1, so conv-then-resize equals
         # resize-then-conv; upsampling, the conv runs on the smaller map (on any device;
         # fastpath.disabled() restores the original order)
-        if fastpath.ENABLED and size[0] * size[1] > x.shape[-2] * x.shape[-1]:
+        if fastpath.enabled() and size[0] * size[1] > x.shape[-2] * x.shape[-1]:
             x = fastpath.conv(self.out_conv, x) if fastpath.active(x, self) else self.out_conv(x)
             return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)

@@ -20,11 +20,15 @@ What it does (see decoder.py and the encoders):
   - linear and conv layers use a copy of their weight in oneDNN's blocked layout, made on
     first use and kept (`packed`): without it every call reorders the weight again (for
     the large ones a good part of the op's time). The cost is memory: the weights
-    are held twice while the model lives on the CPU (+100 MB for ViT-S, +1.3 GB for
-    ViT-L), up to PACK_LIMIT_BYTES (2 GiB) for all models together; past it, weights run
-    unpacked (ViT-G, or several large models). `PACK_WEIGHTS = False` turns it off.
+    are held twice while the model lives on the CPU. So only small models pack: a
+    DepthModel whose weights are at most PACK_MODEL_MAX_BYTES (256 MB: ViT-S, SwinV2-T;
+    +100 MB for ViT-S, for 1.02-1.09x) runs inside `packing(True)`, a larger one
+    (ViT-B, ViT-L: +1.3 GB for ViT-L) unpacked (BENCHMARKS.md, "Packed weights"). All
+    copies together stay under PACK_LIMIT_BYTES (2 GiB). `PACK_WEIGHTS = False` turns
+    packing off everywhere.
 
-`disabled()` turns it off (for A/B timing, or to get the plain ops' exact bits):
+`disabled()` turns the fast path off for the calling thread (for A/B timing, or to get
+the plain ops' exact bits); other threads' forwards stay on it:
 
     with fastpath.disabled():
         reference = model(x)
@@ -35,15 +39,21 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from contextvars import ContextVar
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENABLED = True      # module switch; `disabled()` is the scoped way to turn it off
+ENABLED = True      # process-wide switch; `disabled()` turns it off for the calling thread only
 PACK_WEIGHTS = True  # keep oneDNN-blocked copies of linear and conv weights (see the module doc)
+PACK_MODEL_MAX_BYTES = 256 << 20   # a DepthModel with more weights than this runs unpacked
 PACK_LIMIT_BYTES = 2 << 30   # at most this much in packed copies, process-wide; past it, weights run unpacked
+
+# per thread / task (contextvars: a server runs several requests at once)
+_off: ContextVar[bool] = ContextVar("dpt_lab_fastpath_off", default=False)
+_pack: ContextVar[bool] = ContextVar("dpt_lab_fastpath_pack", default=True)
 
 _available: Optional[bool] = None
 
@@ -70,13 +80,34 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Run the plain PyTorch ops inside the block (restores the previous setting)."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
+    """Run the plain PyTorch ops inside the block, in this thread (or asyncio task) only."""
+    token = _off.set(True)
     try:
         yield
     finally:
-        ENABLED = before
+        _off.reset(token)
+
+
+def enabled() -> bool:
+    """The fast path is switched on here (ENABLED, and not inside `disabled()`)."""
+    return ENABLED and not _off.get()
+
+
+@contextlib.contextmanager
+def packing(allowed: bool):
+    """Whether weights used inside the block may be packed (this thread only)."""
+    token = _pack.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _pack.reset(token)
+
+
+def packs(module: nn.Module) -> bool:
+    """Whether a model this size packs its weights: at most PACK_MODEL_MAX_BYTES of them."""
+    if _tracing():
+        return False          # (the fast path is off anyway; sizes would be traced values)
+    return sum(p.numel() * p.element_size() for p in module.parameters()) <= PACK_MODEL_MAX_BYTES
 
 
 def _tracing() -> bool:
@@ -85,7 +116,7 @@ def _tracing() -> bool:
 
 def active(x: Tensor, *modules: nn.Module) -> bool:
     """Whether the fast path applies to `x` going through `modules` (see the module doc)."""
-    if not ENABLED or _tracing():
+    if not enabled() or _tracing():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.layout != torch.strided:
         return False
@@ -301,7 +332,7 @@ def packed(weight: Tensor, as_linear=None) -> Tensor:
     _linear_pointwise (see `_packed`). `as_linear(weight)`, if given, first turns another
     layer's weight into that out x in matrix."""
     blocked = None
-    if PACK_WEIGHTS:
+    if PACK_WEIGHTS and _pack.get():
         blocked = _packed(weight, ("linear", as_linear), lambda w: torch.ops.mkldnn._reorder_linear_weight(
             (w if as_linear is None else as_linear(w)).contiguous(), None))
     if blocked is None:
@@ -313,7 +344,7 @@ def _conv_weight(conv: nn.Conv2d, pad: list) -> Tensor:
     """The conv's weight in oneDNN's blocked layout for these padding/stride/dilation/groups
     (for a large weight, reordering it on every call is a large part of the conv's time:
     about a third for 384 -> 384 3x3 at 19 x 19)."""
-    if not PACK_WEIGHTS:
+    if not (PACK_WEIGHTS and _pack.get()):
         return conv.weight
     args = (list(pad), list(conv.stride), list(conv.dilation), conv.groups)
     blocked = _packed(conv.weight, ("conv", repr(args)), lambda w: torch.ops.mkldnn._reorder_convolution_weight(

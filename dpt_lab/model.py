@@ -101,13 +101,18 @@ class DepthModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _packing(self):
+        """The fast path packs this model's weights only if it is small (fastpath.packs)."""
+        return fastpath.packing(fastpath.packs(self))
+
     def encode(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
         tile = self.info.tile
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a B x 3 x H x W tensor, got {tuple(x.shape)}")
         if x.shape[-2] % tile or x.shape[-1] % tile:
             raise ValueError(f"input height and width must be multiples of {tile}, got {tuple(x.shape[-2:])}")
-        return self.encoder(x, record)
+        with self._packing():
+            return self.encoder(x, record)
 
     def decode(self, feats: EncoderFeatures, fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
         """Depth (B x H x W) from encoder features; `fusion_scales` multiply the four
@@ -115,7 +120,8 @@ class DepthModel(nn.Module):
         before the scaling) are computed once per `feats` and kept in it (`fusion_inputs`),
         so decoding the same features again, e.g. for a slider change, runs only the fusion
         blocks and the head. The numbers are those of the uncached decoder exactly."""
-        return self.decoder.fuse(self.fusion_inputs(feats), feats.out_size, fusion_scales)
+        with self._packing():
+            return self.decoder.fuse(self.fusion_inputs(feats), feats.out_size, fusion_scales)
 
     def fusion_inputs(self, feats: EncoderFeatures) -> list[Tensor]:
         """The four decoder-width maps entering the fusion blocks (layer_rn outputs, before
@@ -139,7 +145,8 @@ class DepthModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # the uncached path (same code as decode): a forward never keeps fusion inputs alive
         feats = self.encode(x)
-        return self.decoder(feats.maps, feats.cls, feats.out_size)
+        with self._packing():
+            return self.decoder(feats.maps, feats.cls, feats.out_size)
 
     # -- images in, depth out (official pipelines; see imaging.py) --------------------
     def preprocess(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None):

@@ -49,12 +49,12 @@ import numpy as np
 # the choices offered by the tabs (torch-free: the page is built before torch loads)
 from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
 from .errors import DPTLabError
+from .store import DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the store's names, as before
 
 RANDOM_MODEL = "depth-anything-v2-small (random weights, untrained)"
 DEFAULT_SESSION = "default"
 DISPLAY_MAX = 1024            # longest side of the clickable / overlay images (pixels)
 TABLE_LIMIT = 500             # outlier rows sent to the browser (the CSV has all norms)
-DEFAULT_CACHE_BYTES = 2 << 30
 PREFERRED = ("depth-anything-v2-small", "depth-anything-v2-base", "depth-anything-v2-large")
 
 ProgressFn = Callable[[float, str], Any]
@@ -336,149 +336,6 @@ def _absolute(p: Path) -> Path:
         return Path(p).absolute()
 
 
-# -- features ------------------------------------------------------------------------------
-@dataclass
-class Entry:
-    """One image encoded by one model at one size: everything every tab needs."""
-
-    key: tuple                      # (model, image hash, base size, keep_aspect)
-    model_name: str
-    info: Any                       # ModelInfo
-    meta: Any                       # imaging.PreprocessMeta
-    x: Any                          # 1 x 3 x h x w input tensor
-    probe: Any                      # attention.AttentionProbe (its .features: maps, cls, blocks)
-    depth: Any                      # 1 x h x w unscaled depth (decoder output)
-    depth_image: np.ndarray         # H x W float32 at the image's size
-    encode_s: float = 0.0
-    nbytes: int = 0
-    _norms: Any = None
-
-    @property
-    def feats(self):
-        return self.probe.features
-
-    def norms(self):
-        """Per-block token norms from the recorded encode (computed once, no second encode)."""
-        if self._norms is None:
-            from . import norms
-
-            self._norms = norms.norms_from_features(self.feats)
-        return self._norms
-
-
-def _tensor_bytes(objs) -> int:
-    import torch
-
-    seen, total = set(), 0
-    for t in objs:
-        if not isinstance(t, torch.Tensor):
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), str(t.device))
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
-
-
-def _tensors_in(obj, depth: int = 0):
-    """Tensors inside nested lists / tuples / dicts (e.g. feats.extras caches)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 4 and isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors_in(o, depth + 1)
-    elif depth < 4 and isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors_in(o, depth + 1)
-
-
-def entry_nbytes(entry: Entry) -> int:
-    """Bytes an entry holds: input, depth, decoder maps, per-block records and any cache
-    the model keeps in feats.extras (shared storages counted once)."""
-    feats = entry.feats
-    tensors = [entry.x, entry.depth, *feats.maps, *(feats.cls or [])]
-    for rec in feats.blocks or []:
-        tensors += [rec.q, rec.k, rec.token_norms, rec.rel_table, rec.rel_index, rec.window_bias]
-    tensors += list(_tensors_in(getattr(feats, "extras", None) or {}))
-    return int(_tensor_bytes(tensors) + entry.depth_image.nbytes)
-
-
-class FeatureStore:
-    """Byte-bounded LRU of encodes over all sessions, keyed by (session id, entry key)."""
-
-    def __init__(self, max_bytes: Optional[int] = None, max_per_session: int = 2):
-        env = os.environ.get("DPT_LAB_CACHE_MB")
-        self.max_bytes = int(max_bytes if max_bytes is not None else (int(env) << 20 if env else DEFAULT_CACHE_BYTES))
-        self.max_per_session = max(1, int(max_per_session))
-        self._entries: "OrderedDict[tuple[str, tuple], Entry]" = OrderedDict()
-        self._lock = threading.Lock()
-        self._session_locks: dict[str, threading.RLock] = {}
-        self.encodes = 0
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(e.nbytes for e in self._entries.values())
-
-    def sessions(self) -> set[str]:
-        with self._lock:
-            return {s for s, _ in self._entries}
-
-    def entries(self, session: str) -> list[Entry]:
-        with self._lock:
-            return [e for (s, _), e in self._entries.items() if s == session]
-
-    def get(self, session: str, key: tuple) -> Optional[Entry]:
-        with self._lock:
-            e = self._entries.get((session, key))
-            if e is not None:
-                self._entries.move_to_end((session, key))
-            return e
-
-    def get_or_compute(self, session: str, key: tuple, compute: Callable[[], Entry]) -> Entry:
-        """The entry for (session, key), computing it (once, even with concurrent events of
-        the same session) when missing. Older entries are evicted to stay under max_bytes."""
-        hit = self.get(session, key)
-        if hit is not None:
-            return hit
-        with self._lock:
-            lock = self._session_locks.setdefault(session, threading.RLock())
-        with lock:
-            hit = self.get(session, key)
-            if hit is not None:
-                return hit
-            entry = compute()
-            entry.nbytes = entry_nbytes(entry)
-            with self._lock:
-                self.encodes += 1
-                self._entries[(session, key)] = entry
-                mine = [k for k in self._entries if k[0] == session]
-                for k in mine[:-self.max_per_session]:
-                    del self._entries[k]
-                total = sum(e.nbytes for e in self._entries.values())
-                for k in list(self._entries):
-                    if total <= self.max_bytes or k == (session, key):
-                        continue
-                    total -= self._entries.pop(k).nbytes
-            return entry
-
-    def drop(self, session: str) -> int:
-        """Forget a session's entries (its tab was closed); returns how many."""
-        with self._lock:
-            keys = [k for k in self._entries if k[0] == session]
-            for k in keys:
-                del self._entries[k]
-            self._session_locks.pop(session, None)
-            return len(keys)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
 # -- what the tabs show --------------------------------------------------------------------
 @dataclass
 class DepthResult:
@@ -733,9 +590,10 @@ class Lab:
             token = probe.token_at_pixel(entry.meta, x, y, layer=l0)
             state["click"] = (float(x), float(y))
         disp = self.display_image(state)
-        tiles, values = attention.attention_view(
-            probe, l0, token, mode=mode, log_contrast=bool(log_contrast), shared_scale=bool(shared_scale),
-            cmap=cmap, alpha=alpha, image=disp if alpha > 0 else None, tile_px=tile_px)
+        with self.store.using(entry):      # a column caches its layer's row normalisers
+            tiles, values = attention.attention_view(
+                probe, l0, token, mode=mode, log_contrast=bool(log_contrast), shared_scale=bool(shared_scale),
+                cmap=cmap, alpha=alpha, image=disp if alpha > 0 else None, tile_px=tile_px)
         grid = probe.grid(l0)
         patch = probe.patch_of(token, l0)
         marked = disp if patch is None else attention.mark_patch(disp, None, grid, *patch)
@@ -771,7 +629,9 @@ class Lab:
         """(norms result, outliers, 1-based block) of the session's image, the controls checked."""
         from . import norms
 
-        result = self.entry(session, state).norms()
+        entry = self.entry(session, state)
+        with self.store.using(entry):      # the norms are computed once and kept
+            result = entry.norms()
         try:
             thr = norms.parse_threshold(threshold)
         except norms.ThresholdError as exc:
@@ -819,7 +679,8 @@ class Lab:
             scaled = entry.depth_image
         else:
             model = self.manager.get(entry.model_name)
-            scaled = model.postprocess(fusion.scaled_depth(model, entry.feats, scales), entry.meta)
+            with self.store.using(entry):  # the fusion inputs are kept (again, for a reloaded model)
+                scaled = model.postprocess(fusion.scaled_depth(model, entry.feats, scales), entry.meta)
         dt = time.perf_counter() - t0
         metric = bool(entry.info.metric)
         diff = scaled - entry.depth_image

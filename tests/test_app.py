@@ -148,6 +148,18 @@ def test_fusion_changes_depth_and_identity_gives_it_back(served, depth_result):
     assert lab.store.encodes == encodes                                   # sliders never re-encode
 
 
+def test_requests_hand_freed_memory_back(served, depth_result):
+    """The served app runs with the tuned allocator (app.build_app) and trims after every
+    request (dpt_lab.memory; the server here is this process)."""
+    from dpt_lab import memory
+
+    client = served[0]
+    before = memory.state()
+    assert before.mode == "tuned" and before.arena_max == memory.ARENA_MAX
+    client.predict(100, 50, 3, "row", False, False, "inferno", 0, False, api_name="/attention")
+    assert memory.state().trims > before.trims
+
+
 def test_closing_a_session_drops_its_features(served):
     from gradio_client import Client
 

@@ -257,3 +257,54 @@ def test_linear_keeps_autograd_for_a_bias_that_needs_it():
     assert bias.grad is not None and torch.equal(bias.grad, torch.full((40,), 4.0))
     with torch.no_grad():
         torch.testing.assert_close(fastpath.linear(fc, x, bias=bias), y.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_in_one_thread_leaves_another_on_the_fast_path(models):
+    import threading
+
+    model, x = models("depth_anything_v2_vits")
+    with torch.inference_mode():
+        fast = model(x)
+        with fastpath.disabled():
+            plain = model(x)
+    assert not torch.equal(fast, plain)            # the two paths differ in their last bits
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def plain_thread():
+        with fastpath.disabled():
+            inside.set()
+            seen["plain_enabled"] = fastpath.enabled()
+            release.wait(60)
+
+    t = threading.Thread(target=plain_thread)
+    t.start()
+    assert inside.wait(60)
+    try:
+        seen["other_enabled"] = fastpath.enabled()
+        with torch.inference_mode():
+            other = model(x)                        # while the first thread is inside disabled()
+    finally:
+        release.set()
+        t.join()
+    assert seen == {"plain_enabled": False, "other_enabled": True}
+    assert torch.equal(other, fast)
+
+
+def test_only_small_models_pack_their_weights(models, monkeypatch):
+    model, x = models("depth_anything_v2_vits")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the default: ViT-S (~100 MB of weights) packs; ViT-B and ViT-L (0.4, 1.3 GB) do not
+    assert fastpath.PACK_MODEL_MAX_BYTES == 256 << 20 and fastpath.packs(model)
+    fastpath.release(model)
+    gc.collect()
+    before = fastpath.packed_bytes()
+    monkeypatch.setattr(fastpath, "PACK_MODEL_MAX_BYTES", weights - 1)    # this model is "large"
+    with torch.inference_mode():
+        large = model(x)
+    assert fastpath.packed_bytes() == before
+    monkeypatch.setattr(fastpath, "PACK_MODEL_MAX_BYTES", weights)        # now it is small enough
+    with torch.inference_mode():
+        small = model(x)
+    assert fastpath.packed_bytes() > before
+    assert (large - small).abs().max().item() <= 1e-5 * small.abs().max().item()

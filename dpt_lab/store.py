@@ -1,0 +1,233 @@
+"""Each session's one recorded encode, in a store bounded in bytes over all sessions.
+
+    store = FeatureStore(max_bytes=2 << 30)      # or $DPT_LAB_CACHE_MB
+    entry = store.get_or_compute(session, key, compute)
+    with store.using(entry):                     # work that may grow the entry (caches)
+        ...
+
+An Entry holds the preprocessed input and its meta, the AttentionProbe of ONE recorded
+encode (attention q/k, per-block token norms, the decoder's four maps and its fusion
+inputs) and the unscaled depth; what the tabs derive from it later (the attention column
+normalisers, the norms, rendered images in `entry.cache`) lives in it too. Its size is
+measured by walking everything it keeps alive (`measure`: tensors by storage, NumPy
+arrays by buffer, each counted once), when it is stored and again after every use that
+may have grown it, so the byte count the cap is checked against is what the entry really
+holds. An entry larger than the cap on its own is handed out but not kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class Entry:
+    """One image encoded by one model at one size: everything every tab needs."""
+
+    key: tuple                      # (model, image hash, base size, keep_aspect)
+    model_name: str
+    info: Any                       # ModelInfo
+    meta: Any                       # imaging.PreprocessMeta
+    x: Any                          # 1 x 3 x h x w input tensor
+    probe: Any                      # attention.AttentionProbe (its .features: maps, cls, blocks)
+    depth: Any                      # 1 x h x w unscaled depth (decoder output)
+    depth_image: np.ndarray         # H x W float32 at the image's size
+    encode_s: float = 0.0
+    nbytes: int = 0                 # measured by the store (see measure)
+    cache: dict = field(default_factory=dict)    # what the tabs derive from the encode, by name
+
+    @property
+    def feats(self):
+        return self.probe.features
+
+    def cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """`make()` once per entry, kept in `cache` (counted in the entry's bytes)."""
+        if name not in self.cache:
+            self.cache[name] = make()
+        return self.cache[name]
+
+    def norms(self):
+        """Per-block token norms from the recorded encode (computed once, no second encode)."""
+        from . import norms
+
+        return self.cached("norms", lambda: norms.norms_from_features(self.feats))
+
+    def measure(self) -> int:
+        """Bytes this entry keeps alive (see `measure`); its features are reached through
+        the probe, named here too in case a probe holds them other than as an attribute."""
+        return measure((self, self.feats))
+
+
+def _not_walked(obj) -> bool:
+    """Objects an entry may point at that are not its own memory: models (shared by every
+    session, counted by the model manager), modules, classes, functions, weak references."""
+    import types
+
+    import torch
+
+    return isinstance(obj, (torch.nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType,
+                            weakref.ref, torch.dtype, torch.device))
+
+
+def measure(obj, max_depth: int = 12) -> int:
+    """Bytes of the tensors and NumPy arrays reachable from `obj` through containers,
+    dataclasses and object attributes: the union of their memory, so a buffer shared by
+    views, or by a tensor and the array made from it, counts once (a view counts its
+    whole base)."""
+    import torch
+
+    seen: set[int] = set()
+    spans: list[tuple[int, int]] = []          # (address, bytes) of every storage / buffer
+    stack = [(obj, 0)]
+    while stack:
+        o, depth = stack.pop()
+        if o is None or isinstance(o, (str, bytes, int, float, bool, complex)) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            spans.append((st.data_ptr(), st.nbytes()))
+            continue
+        if isinstance(o, np.ndarray):
+            base = o
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            spans.append((base.__array_interface__["data"][0], base.nbytes))
+            continue
+        if depth >= max_depth or _not_walked(o):
+            continue
+        if isinstance(o, dict):
+            children = list(o.keys()) + list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            children = list(o)
+        elif dataclasses.is_dataclass(o):
+            children = [getattr(o, f.name, None) for f in dataclasses.fields(o)]
+            children += list(getattr(o, "__dict__", {}).values())
+        elif hasattr(o, "__dict__") or hasattr(type(o), "__slots__"):
+            children = list(getattr(o, "__dict__", {}).values())
+            for slot in getattr(type(o), "__slots__", ()):
+                children.append(getattr(o, slot, None))
+        else:
+            continue
+        stack.extend((c, depth + 1) for c in children)
+    return _union_bytes(spans)
+
+
+def _union_bytes(spans: list[tuple[int, int]]) -> int:
+    total, end = 0, -1
+    for start, size in sorted(spans):
+        stop = start + size
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+class FeatureStore:
+    """Byte-bounded LRU of encodes over all sessions, keyed by (session id, entry key)."""
+
+    def __init__(self, max_bytes: Optional[int] = None, max_per_session: int = 2):
+        env = os.environ.get("DPT_LAB_CACHE_MB")
+        self.max_bytes = int(max_bytes if max_bytes is not None else (int(env) << 20 if env else DEFAULT_CACHE_BYTES))
+        self.max_per_session = max(1, int(max_per_session))
+        self._entries: "OrderedDict[tuple[str, tuple], Entry]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._session_locks: dict[str, threading.RLock] = {}
+        self.encodes = 0
+        self.too_large = 0          # entries handed out but not kept (larger than the cap alone)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def sessions(self) -> set[str]:
+        with self._lock:
+            return {s for s, _ in self._entries}
+
+    def entries(self, session: str) -> list[Entry]:
+        with self._lock:
+            return [e for (s, _), e in self._entries.items() if s == session]
+
+    def get(self, session: str, key: tuple) -> Optional[Entry]:
+        with self._lock:
+            e = self._entries.get((session, key))
+            if e is not None:
+                self._entries.move_to_end((session, key))
+            return e
+
+    def get_or_compute(self, session: str, key: tuple, compute: Callable[[], Entry]) -> Entry:
+        """The entry for (session, key), computing it (once, even with concurrent events of
+        the same session) when missing. Older entries are evicted to stay under max_bytes."""
+        hit = self.get(session, key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            lock = self._session_locks.setdefault(session, threading.RLock())
+        with lock:
+            hit = self.get(session, key)
+            if hit is not None:
+                return hit
+            entry = compute()
+            entry.nbytes = entry.measure()
+            with self._lock:
+                self.encodes += 1
+                self._entries[(session, key)] = entry
+                mine = [k for k in self._entries if k[0] == session]
+                for k in mine[:-self.max_per_session]:
+                    del self._entries[k]
+                self._fit((session, key))
+            return entry
+
+    @contextmanager
+    def using(self, entry: Entry):
+        """Work on `entry` that may grow it (caches): it is measured again afterwards and
+        the store evicts others (or drops it, if it alone is past the cap) to fit."""
+        try:
+            yield entry
+        finally:
+            size = entry.measure()
+            with self._lock:
+                if size != entry.nbytes:
+                    entry.nbytes = size
+                    key = next((k for k, e in self._entries.items() if e is entry), None)
+                    if key is not None:
+                        self._fit(key)
+
+    def _fit(self, newest: tuple) -> None:
+        """Evict least recently used entries (never `newest` while it fits alone) until the
+        total is under max_bytes; an entry past the cap on its own is not kept. Holds the lock."""
+        if newest in self._entries and self._entries[newest].nbytes > self.max_bytes:
+            del self._entries[newest]
+            self.too_large += 1
+        total = sum(e.nbytes for e in self._entries.values())
+        for k in list(self._entries):
+            if total <= self.max_bytes:
+                break
+            if k != newest:
+                total -= self._entries.pop(k).nbytes
+
+    def drop(self, session: str) -> int:
+        """Forget a session's entries (its tab was closed); returns how many."""
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == session]
+            for k in keys:
+                del self._entries[k]
+            self._session_locks.pop(session, None)
+            return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

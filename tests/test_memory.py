@@ -1,0 +1,99 @@
+"""The allocator setting (dpt_lab.memory) is in force in the server process, and it is what
+keeps freed tensor memory from staying resident."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpt_lab import memory
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(memory._glibc() is None, reason="the allocator settings are glibc's")
+
+# A pattern that strands memory in glibc's heap by default: blocks of a few MiB (the first
+# free raises the mmap threshold past them), each round followed by a small block that
+# outlives them and pins the heap top; release() after each round, as after a request.
+FRAGMENT = """
+import sys, numpy as np
+from dpt_lab import memory
+memory.configure(sys.argv[1])
+keep, start = [], memory.rss_bytes()
+for _ in range(20):
+    big = [np.ones(3 << 20, np.uint8) for _ in range(8)]
+    keep.append(np.ones(64 << 10, np.uint8))
+    del big
+    memory.release()
+print((memory.rss_bytes() - start) >> 20)
+"""
+
+# Eight threads alive at once, each allocating: by default each gets an arena of its own.
+THREADS = """
+import sys, threading, numpy as np
+from dpt_lab import memory
+memory.configure(sys.argv[1])
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()
+    blocks = [np.ones(1 << 16, np.uint8) for _ in range(50)]
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(memory.arena_count())
+"""
+
+
+def run(code: str, mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+def test_release_returns_freed_blocks_and_glibc_alone_does_not():
+    assert run(FRAGMENT, "off") >= 15          # glibc's default keeps a round's blocks (24 MiB) resident
+    assert run(FRAGMENT, "tuned") <= 5         # malloc_trim after each round: back to the OS
+
+
+def test_arenas_are_capped():
+    assert run(THREADS, "off") > memory.ARENA_MAX
+    assert 1 <= run(THREADS, "tuned") <= memory.ARENA_MAX
+
+
+def test_the_server_process_runs_with_the_tuned_allocator(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), GRADIO_ANALYTICS_ENABLED="False",
+               GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    for k in ("DPT_LAB_MODEL", "DPT_LAB_MALLOC", "DPT_LAB_WEIGHTS"):
+        env.pop(k, None)
+    from app_server import free_port
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(free_port()), "--weights-dir",
+                             str(tmp_path / "weights")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "allocator" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    said = [ln for ln in lines if "allocator" in ln]
+    assert said, "".join(lines)[-2000:]
+    assert f"M_ARENA_MAX={memory.ARENA_MAX}" in said[0] and "malloc_trim after every request" in said[0]
+    assert said[0].rstrip().endswith("; in force")
+
+
+def test_configure_checks_its_mode():
+    with pytest.raises(ValueError, match="DPT_LAB_MALLOC"):
+        memory.configure("sometimes")
