@@ -417,7 +417,8 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
             return table, rep.as_text(), str(rep.path)
 
         export_btn.click(do_export, [model_dd, dynamic, fp16, with_pre, opset, base], [report, report_md, onnx_file],
-                         api_name="export", preprocess=False, concurrency_id="export", concurrency_limit=1)
+                         api_name="export", preprocess=False, concurrency_id="model",
+                         concurrency_limit=MODEL_CONCURRENCY)   # one of the model slots: memory peaks add up
 
         # ---------------------------------------------------------------- tabs and chains
         def make_refresh(tab: str, render, n_out: int):

@@ -18,7 +18,8 @@ threshold, a random block); two /fusion renders with random factors; every fourt
 Printed and written to --out: RSS every minute, requests and errors per endpoint, latency
 p50 / p95 / max per endpoint, requests per second, peak RSS (VmHWM) against the goal
 (weights + the store's cap + 1 GB), and the RSS growth over the last --window minutes
-(mean of the first 30 s of the window against the mean of its last 30 s; goal < 5%).
+(the least-squares line through the window's samples, start against end; goal < 5%);
+the per-second samples go to --out with .csv for .md.
 --reference first runs the same load on a server with the allocator left alone
 (DPT_LAB_MALLOC=off), for --reference-minutes (default: --minutes), and reports both, and
 the ratio of their throughputs (the measured run's first --reference-minutes against the
@@ -164,12 +165,13 @@ def one_run(tmp: Path, args, extra_env: dict, label: str, minutes: float) -> dic
 
 
 def window_growth(samples, window_min: float) -> tuple[float, float, float]:
-    """(RSS at the window's start, at its end, growth in %): means of 30 s at each end."""
+    """(RSS at the window's start, at its end, growth in %) from the least-squares line
+    through the window's per-second samples: a request in flight at either end moves one
+    sample by hundreds of MB, the trend is what the goal is about."""
     end = samples[-1][0]
-    start = max(0.0, end - 60 * window_min)
-    head = [r for t, r in samples if start <= t < start + 30]
-    tail = [r for t, r in samples if t >= end - 30]
-    a, b = statistics.mean(head), statistics.mean(tail)
+    t, r = zip(*[(t, r) for t, r in samples if t >= end - 60 * window_min])
+    slope, intercept = np.polyfit(np.asarray(t), np.asarray(r, dtype=np.float64), 1)
+    a, b = intercept + slope * t[0], intercept + slope * t[-1]
     return a, b, 100 * (b - a) / a
 
 
@@ -205,8 +207,10 @@ def report(run: dict, args) -> list[str]:
         near = [r for t, r in samples if m * 60 <= t < m * 60 + 5]
         if near:
             lines.append(f"| {m} | {near[0] / gb:.2f} |")
-    lines += ["", f"- RSS over the last {min(args.window, run['minutes']):g} min: {a / gb:.2f} -> {b / gb:.2f} GB, growth {growth:+.1f}% "
-              f"(goal < 5%)",
+    lines += ["", f"- RSS over the last {min(args.window, run['minutes']):g} min (least-squares line): "
+              f"{a / gb:.2f} -> {b / gb:.2f} GB, growth {growth:+.1f}% (goal < 5%); range of the samples there "
+              f"{min(r for t, r in samples if t >= samples[-1][0] - 60 * args.window) / gb:.2f}-"
+              f"{max(r for t, r in samples if t >= samples[-1][0] - 60 * args.window) / gb:.2f} GB",
               f"- peak RSS (VmHWM): {run['peak'] / gb:.2f} GB; goal <= weights {run['weights'] / gb:.2f} + cap "
               f"{CACHE_BYTES / gb:.0f} + 1 GB = {peak_goal / gb:.2f} GB: {'met' if run['peak'] <= peak_goal else 'MISSED'}",
               ""]
@@ -259,6 +263,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".csv").write_text("run,seconds,rss_bytes\n" + "".join(
+        f"{run['label']},{t:.1f},{r}\n" for run in runs for t, r in run["samples"]))
     print("\n".join(lines))
 
 

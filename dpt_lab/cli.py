@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .errors import one_line
+
 #: subcommand modules, in the order --help lists them; export is optional (see _add)
 SUBCOMMANDS = ("depth", "attention", "norms", "fusion", "export")
 EXIT_USER_ERROR = 2
@@ -71,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         rc = args.func(args)
     except (DPTLabError, OSError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -86,13 +88,6 @@ def run_one(name: str, argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] != name:
         argv = [name, *argv]
     return main(argv)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-        text = f"{text}: {exc.filename}"
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

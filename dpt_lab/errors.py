@@ -7,3 +7,22 @@ class DPTLabError(Exception):
 
 class CheckpointError(DPTLabError, ValueError):
     """A file or folder that is not a checkpoint DPT Lab can load, and why."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's whole message as one line (whitespace runs folded; an OSError's file name
+    added when the message lacks it), or its type's name when it has none: what the app's
+    messages and the CLI's `error:` line show."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return " ".join(text.split())
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of another library's error (at most `limit` characters),
+    to quote inside one of DPT Lab's messages; its type's name when it has none."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

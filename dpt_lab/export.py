@@ -77,8 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cubic
-from .errors import DPTLabError
+from . import cubic, memory
+from .errors import DPTLabError, first_line
 
 __all__ = [
     "ExportError", "VerificationError", "ExportBusyError", "ExportReport", "export_onnx",
@@ -324,13 +324,6 @@ def _family_notes(info) -> list[str]:
     return []
 
 
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).strip().splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(exc).__name__
-
-
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporters' warnings and log lines (tracer warnings about Python
@@ -435,6 +428,9 @@ def _session(model_file: Path):
     # no busy-waiting threads left behind after a run: they would steal the cores from the
     # PyTorch run timed next to it (and from the rest of the process)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # no arena: onnxruntime's would keep the largest checked size's buffers until the
+    # session goes (a server's peak memory); plain allocations go back with memory.release
+    opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(model_file), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -460,11 +456,11 @@ def _verify(model_file: Path, reference, info, *, export_size, dynamic: bool, wi
     try:
         onnx.checker.check_model(str(model_file))
     except Exception as exc:  # noqa: BLE001 - any checker complaint fails the export
-        raise VerificationError(f"onnx.checker rejected the exported graph: {_first_line(exc)}", report) from None
+        raise VerificationError(f"onnx.checker rejected the exported graph: {first_line(exc)}", report) from None
     try:
         session = _session(model_file)
     except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}", report) from None
+        raise VerificationError(f"onnxruntime cannot load the exported graph: {first_line(exc)}", report) from None
 
     np_io = np.float16 if io_dtype == torch.float16 else np.float32
     for k, ((h, w), batch) in enumerate(_check_sizes(export_size, info.tile, dynamic, with_preprocessing)):
@@ -484,11 +480,12 @@ def _verify(model_file: Path, reference, info, *, export_size, dynamic: bool, wi
                     return reference(x).numpy()
 
         label = f"{h}x{w}" + (f" (batch {batch})" if batch > 1 else "")
+        memory.release()           # the last size's buffers, before this one's
         t0 = time.perf_counter()
         try:
             got = session.run(None, feed)[0]
         except Exception as exc:  # noqa: BLE001
-            raise VerificationError(f"onnxruntime failed at {label}: {_first_line(exc)}", report) from None
+            raise VerificationError(f"onnxruntime failed at {label}: {first_line(exc)}", report) from None
         ort_first = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref = np.asarray(torch_run(), dtype=np.float32)
@@ -598,7 +595,7 @@ def export_onnx(model, path, *, dynamic: bool = True, fp16: bool = False, with_p
             _run_exporter(module, example, raw, exporter=exporter, opset=opset, dynamic=dynamic,
                           input_axes=input_axes, output_axes=output_axes)
         except Exception as exc:  # noqa: BLE001 - any exporter failure is reported in one line
-            raise ExportError(f"the {exporter} exporter failed on {info.family} {info.size}: {_first_line(exc)}") from None
+            raise ExportError(f"the {exporter} exporter failed on {info.family} {info.size}: {first_line(exc)}") from None
         export_seconds = time.perf_counter() - t0
 
         from . import __version__
@@ -621,6 +618,7 @@ def export_onnx(model, path, *, dynamic: bool = True, fp16: bool = False, with_p
         final_dir.mkdir()
         model_file, external = _save(proto, final_dir, target.stem or "model")
         del proto
+        memory.release()           # the exporter's graph copies, before onnxruntime loads the file
 
         report = ExportReport(
             path=None, size_bytes=0, opset=opset, dynamic=dynamic, fp16=fp16, with_preprocessing=with_preprocessing,

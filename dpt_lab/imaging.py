@@ -47,7 +47,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from . import cubic
 from .choices import COLORMAPS
-from .errors import DPTLabError
+from .errors import DPTLabError, first_line
 
 __all__ = [
     "ImageError",
@@ -141,11 +141,6 @@ def _check_size(h: int, w: int, max_pixels: int, what: str) -> None:
         raise _too_many(h, w, max_pixels, what)
 
 
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
-
-
 def _open_pil(fp: Any, what: str, max_pixels: int) -> Image.Image:
     _pil_guard(max_pixels)
     try:
@@ -167,7 +162,7 @@ def _open_pil(fp: Any, what: str, max_pixels: int) -> Image.Image:
     except PermissionError:
         raise ImageError(f"{what} cannot be read (permission denied)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError) as e:
-        raise ImageError(f"{what} is corrupt or not a valid image ({_first_line(e)})") from None
+        raise ImageError(f"{what} is corrupt or not a valid image ({first_line(e)})") from None
     return img
 
 
@@ -179,7 +174,7 @@ def _decode(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
     except MemoryError:
         raise ImageError(f"{what} is too large to decode with the memory available") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
-        msg = _first_line(e)
+        msg = first_line(e)
         if "truncated" in msg.lower():
             raise ImageError(f"{what} is truncated or incomplete ({msg})") from None
         raise ImageError(f"{what} is corrupt and cannot be decoded ({msg})") from None
@@ -741,7 +736,7 @@ def read_png16(path) -> tuple[np.ndarray, float, float]:
             mode = img.mode
             arr = np.asarray(img)
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{_describe(path)} is not a readable PNG ({_first_line(e)})") from None
+        raise ImageError(f"{_describe(path)} is not a readable PNG ({first_line(e)})") from None
     if mode.startswith("I;16") or mode == "I":
         arr = np.clip(arr.astype(np.int64), 0, 65535).astype(np.uint16)
     elif mode == "L":
