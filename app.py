@@ -22,8 +22,8 @@ from pathlib import Path
 import gradio as gr
 
 from dpt_lab import memory
-from dpt_lab import session as S          # light: torch loads on first use, after the page is up
-from dpt_lab.errors import DPTLabError
+from dpt_lab import session as S  # light: torch loads on first use, after the page is up
+from dpt_lab.errors import DPTLabError, ExportBusyError, one_line
 
 COLORMAPS = S.COLORMAPS
 HERE = Path(__file__).resolve().parent
@@ -49,7 +49,7 @@ def user_errors(fn):
         except gr.Error:
             raise
         except (DPTLabError, OSError, ValueError) as exc:
-            raise user_error(" ".join(str(exc).split()) or type(exc).__name__) from None
+            raise user_error(one_line(exc)) from None
         except MemoryError:
             raise user_error("out of memory: try a smaller image or base size") from None
         except Exception as exc:   # noqa: BLE001 - a bug: log it, answer with one line
@@ -268,7 +268,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
             try:
                 loaded = lab.manager.get(model, progress=progress_fn(progress))
             except DPTLabError as exc:
-                gr.Warning(" ".join(str(exc).split()), duration=30)
+                gr.Warning(one_line(exc), duration=30)
                 st = st or S.new_state()
                 previous = st.get("picked") or st.get("model") or lab.manager.startup
                 return (*skips(len(banners)), gr.skip(), gr.skip(), previous, st)
@@ -298,7 +298,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
 
         def _attention(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v, request):
             r = lab.attention_at(sid(request), st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v)
-            st.setdefault("rendered", {})["attention"] = lab.entry_key(st)
+            st["rendered"]["attention"] = lab.entry_key(st)
             click = st.get("click")
             cx, cy = click if isinstance(click, tuple) else (None, None)
             return r.tiles, r.marked, r.text, cx, cy, st
@@ -347,7 +347,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
         def do_norms(threshold_mode, threshold, block, shared_scale, st, request: gr.Request):
             """threshold_mode: auto | fixed (then `threshold` is the norm); block: histogram block 1..L."""
             r = lab.norms_view(sid(request), st, _threshold(threshold_mode, threshold), block, shared_scale)
-            st.setdefault("rendered", {})["norms"] = lab.entry_key(st)
+            st["rendered"]["norms"] = lab.entry_key(st)
             return (r.heatmap, r.stats, r.histogram, {"headers": list(r.headers), "data": r.table},
                     r.overlay, r.summary, st)
 
@@ -381,7 +381,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
         def do_fusion(scale_1, scale_2, scale_3, scale_4, colormap, st, request: gr.Request):
             """Four fusion factors (finest first, -5..5) on the session's cached encode."""
             r = lab.fusion_view(sid(request), st, (scale_1, scale_2, scale_3, scale_4), colormap)
-            st.setdefault("rendered", {})["fusion"] = lab.entry_key(st)
+            st["rendered"]["fusion"] = lab.entry_key(st)
             return r.scaled.colored, r.unscaled.colored, r.difference, r.text, st
 
         @user_errors
@@ -409,10 +409,8 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
                 rep = lab.export_model(model, out_dir("export"), dynamic=dynamic_shapes, fp16=fp16_weights,
                                        with_preprocessing=with_preprocessing, opset=opset_version,
                                        base_size=base_size, progress=progress_fn(progress))
-            except DPTLabError as exc:
-                if type(exc).__name__ == "ExportBusyError":
-                    raise user_error("another export is running: try again when it has finished") from None
-                raise
+            except ExportBusyError:
+                raise user_error("another export is running: try again when it has finished") from None
             table = {"headers": list(type(rep).HEADERS), "data": [list(r) for r in rep.as_rows()]}
             return table, rep.as_text(), str(rep.path)
 
@@ -425,7 +423,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
             def refresh(active, st, request: gr.Request, *controls):
                 if active != tab or not st or st.get("image") is None:
                     return skips(n_out)
-                if st.get("rendered", {}).get(tab) == lab.entry_key(st):
+                if st["rendered"].get(tab) == lab.entry_key(st):
                     return skips(n_out)
                 try:
                     return render(*controls, st, request)
@@ -511,7 +509,7 @@ def main(argv=None) -> int:
         manager = S.ModelManager(args.model, weights_dir=args.weights_dir, device=args.device,
                                  max_models=args.max_models)
     except DPTLabError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"dpt-lab: model {manager.startup} ({manager.startup_reason})", flush=True)
     if manager.untrained:

@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import interleaved, machine, median_ms, percentile_ms  # noqa: E402  (sets sys.path)
+from fixtures import save_fixture_checkpoint  # noqa: E402
 
 import dpt_lab  # noqa: E402
 from dpt_lab import attention  # noqa: E402
-from fixtures import save_fixture_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -34,12 +34,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import machine  # noqa: E402  (sets sys.path)
+from hf_reference import randomize  # noqa: E402
 
 import dpt_lab  # noqa: E402
 from dpt_lab import fastpath  # noqa: E402
-from hf_reference import randomize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "forward.md"

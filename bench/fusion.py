@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import machine, median_ms, write_results  # noqa: E402  (sets sys.path)
+from fixtures import save_fixture_checkpoint  # noqa: E402
 
 import dpt_lab  # noqa: E402
-from fixtures import save_fixture_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "assets" / "astronaut.jpg"  # 512 x 512: lower_bound 518 gives a 518 x 518 input

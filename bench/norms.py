@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import interleaved, machine, median_ms, write_results
+from fixtures import save_fixture_checkpoint
 
 import dpt_lab
 from dpt_lab import Record, norms
-from fixtures import save_fixture_checkpoint
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import interleaved, machine, median_ms  # noqa: E402  (sets sys.path)
 
 # this file is bench/onnx.py: with bench/ first on sys.path, `import onnx` (in the exporter)
@@ -42,9 +41,10 @@ from common import interleaved, machine, median_ms  # noqa: E402  (sets sys.path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from fixtures import save_fixture_checkpoint  # noqa: E402
+
 import dpt_lab  # noqa: E402
 from dpt_lab import export, imaging  # noqa: E402
-from fixtures import save_fixture_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "assets" / "astronaut.jpg"
@@ -88,7 +88,7 @@ def bench_layout(key: str, args, folder: Path) -> dict:
         sess = export._session(onnx_path)
         got = sess.run(None, feed)[0]
         err = rel_err(got, torch_fn())
-        times = interleaved({"onnxruntime": lambda: sess.run(None, feed), "PyTorch": torch_fn}, runs=args.runs)
+        times = interleaved({"onnxruntime": lambda s=sess: s.run(None, feed), "PyTorch": torch_fn}, runs=args.runs)
         ort_ms, torch_ms = median_ms(times["onnxruntime"]), median_ms(times["PyTorch"])
         out["rows"].append({"name": name, "mb": size_mb, "err": err, "ort_ms": ort_ms, "torch_ms": torch_ms})
         print(f"{title} {name}: onnxruntime {ort_ms:.1f} ms, PyTorch {torch_ms:.1f} ms, rel err {err:.2g}", flush=True)

@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import machine, write_results  # noqa: E402  (sets sys.path)
+from fixtures import save_fixture_checkpoint  # noqa: E402
 
 import dpt_lab  # noqa: E402
 from dpt_lab.imaging import load_image  # noqa: E402
-from fixtures import save_fixture_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -100,8 +99,8 @@ def bench(model, path: Path, runs: int) -> dict:
             depth = rec("forward", lambda: model(x))
             ours = rec("ours post", lambda: model.postprocess(depth, meta))
             rgb = rec("official load", official_load)
-            xo = rec("official pre", lambda: official_pre(rgb, meta.input_size))
-            ref = rec("official post", lambda: official_post(depth, rgb.shape[:2]))
+            xo = rec("official pre", lambda rgb=rgb, meta=meta: official_pre(rgb, meta.input_size))
+            ref = rec("official post", lambda depth=depth, rgb=rgb: official_post(depth, rgb.shape[:2]))
             rec("ours total", lambda: model.predict(path))
             if r == 0:
                 pre_err = (x - xo).abs().max().item()

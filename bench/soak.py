@@ -33,7 +33,6 @@ import argparse
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import threading

@@ -331,7 +331,7 @@ def _window_geometry(layout: WindowLayout, token: int) -> tuple[Tensor, Tensor, 
     (w^2,) cyclic-shift region of each position, and the token's own position."""
     from .encoders import swin2
 
-    (h, w), (hp, wp), ws = layout.grid, layout.padded, int(layout.window)
+    (_, w), (hp, wp), ws = layout.grid, layout.padded, int(layout.window)
     sh, sw = layout.shifts
     r, c = divmod(int(token), w)
     rr, rc = (r - sh) % hp, (c - sw) % wp                   # where the roll put it
@@ -404,8 +404,9 @@ def patch_box(image_size: tuple[int, int], grid: tuple[int, int], row: int, col:
     def first(k, n, g):       # first pixel p with floor((2p + 1) * g / (2n)) >= k
         return max(0, -(-(2 * k * n - g) // (2 * g)))
 
-    return first(col, w, gw), first(row, h, gh), max(first(col, w, gw), first(col + 1, w, gw) - 1), \
-        max(first(row, h, gh), first(row + 1, h, gh) - 1)
+    x0, x1 = first(col, w, gw), first(col + 1, w, gw) - 1
+    y0, y1 = first(row, h, gh), first(row + 1, h, gh) - 1
+    return x0, y0, max(x0, min(x1, w - 1)), max(y0, min(y1, h - 1))
 
 
 # -- rendering ----------------------------------------------------------------------------
@@ -663,8 +664,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def run_cli(args) -> int:
-    import dpt_lab
     from PIL import Image
+
+    import dpt_lab
 
     from . import imaging
 

@@ -9,6 +9,15 @@ class CheckpointError(DPTLabError, ValueError):
     """A file or folder that is not a checkpoint DPT Lab can load, and why."""
 
 
+class ExportError(DPTLabError, RuntimeError):
+    """The model could not be exported (bad options, or the exporter failed), and why."""
+
+
+class ExportBusyError(ExportError):
+    """Another export is running in this process. (Here, not in export.py, so the app can
+    catch it by type without importing torch and onnx.)"""
+
+
 def one_line(exc: BaseException) -> str:
     """An error's whole message as one line (whitespace runs folded; an OSError's file name
     added when the message lacks it), or its type's name when it has none: what the app's

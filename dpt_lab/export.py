@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cubic, memory
-from .errors import DPTLabError, first_line
+from .errors import ExportBusyError, ExportError, first_line  # noqa: F401 - export's own names, as before
 
 __all__ = [
     "ExportError", "VerificationError", "ExportBusyError", "ExportReport", "export_onnx",
@@ -99,20 +99,12 @@ _LOCK = threading.Lock()
 _LOG = logging.getLogger(__name__)
 
 
-class ExportError(DPTLabError, RuntimeError):
-    """The model could not be exported (bad options, or the exporter failed), and why."""
-
-
 class VerificationError(ExportError):
     """The exported graph failed a check; `.report` holds the per-size numbers so far."""
 
     def __init__(self, message: str, report: Optional["ExportReport"] = None):
         super().__init__(message)
         self.report = report
-
-
-class ExportBusyError(ExportError):
-    """Another export is running in this process."""
 
 
 # -- the report ------------------------------------------------------------------------
@@ -468,14 +460,14 @@ def _verify(model_file: Path, reference, info, *, export_size, dynamic: bool, wi
             image = _test_image(h, w, seed=k + 1)
             feed = {"image": image}
 
-            def torch_run():
+            def torch_run(image=image):
                 return reference.predict(image, base_size=base_size)
         else:
             g = torch.Generator().manual_seed(k + 1)
             x = torch.randn(batch, 3, h, w, generator=g)
             feed = {"image": x.numpy().astype(np_io)}
 
-            def torch_run():
+            def torch_run(x=x):
                 with torch.inference_mode():
                     return reference(x).numpy()
 

@@ -105,18 +105,21 @@ def packing(allowed: bool):
 
 def packs(module: nn.Module) -> bool:
     """Whether a model this size packs its weights: at most PACK_MODEL_MAX_BYTES of them."""
-    if _tracing():
+    if tracing():
         return False          # (the fast path is off anyway; sizes would be traced values)
     return sum(p.numel() * p.element_size() for p in module.parameters()) <= PACK_MODEL_MAX_BYTES
 
 
-def _tracing() -> bool:
-    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+def tracing() -> bool:
+    """Scripting, tracing, compiling or exporting (torch.jit / torch.compile / torch.export /
+    ONNX): the fast path is off, and nothing may be cached (a cache would keep proxies)."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 def active(x: Tensor, *modules: nn.Module) -> bool:
     """Whether the fast path applies to `x` going through `modules` (see the module doc)."""
-    if not enabled() or _tracing():
+    if not enabled() or tracing():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.layout != torch.strided:
         return False

@@ -22,11 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .choices import FUSION_IDENTITY as IDENTITY
-from .choices import FUSION_LABELS as LAYER_LABELS
 from .choices import FUSION_MAX as SCALE_MAX
 from .choices import FUSION_MIN as SCALE_MIN
-from .choices import FUSION_PRESETS as PRESETS  # name -> factors, offered by the tab
 from .errors import DPTLabError
 
 

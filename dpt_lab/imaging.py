@@ -154,7 +154,8 @@ def _open_pil(fp: Any, what: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{what} is too large{size}: over the limit of {_fmt_pixels(max_pixels)}; "
                          f"downscale it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{what} is not an image in a format DPT Lab can read (PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
+        raise ImageError(f"{what} is not an image in a format DPT Lab can read "
+                         "(PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
     except FileNotFoundError:
         raise ImageError(f"{what} does not exist") from None
     except IsADirectoryError:
@@ -312,7 +313,8 @@ def load_image(source: Any, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageError(f"{what} was opened in text mode; open it in binary mode ('rb')")
         data = bytes(data or b"")
     else:
-        raise ImageError(f"cannot load an image from a {type(source).__name__}; give a path, bytes, a file, a PIL image or an array")
+        raise ImageError(f"cannot load an image from a {type(source).__name__}; "
+                         "give a path, bytes, a file, a PIL image or an array")
     if not data:
         raise ImageError(f"{what} is empty (0 bytes)")
     img = _open_pil(io.BytesIO(data), what, max_pixels)

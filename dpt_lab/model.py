@@ -138,7 +138,7 @@ class DepthModel(nn.Module):
         if cached is not None and _same_objects(cached[0], (self.decoder, *key[1:])):
             return cached[1]
         layers = self.decoder.reassembled(feats.maps, feats.cls)
-        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if not (torch.is_grad_enabled() or fastpath.tracing()):
             feats.extras["fusion_inputs"] = (key, layers)
         return layers
 

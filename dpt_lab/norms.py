@@ -46,7 +46,7 @@ import html
 import io
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .attention import patch_box
 from .encoders.base import EncoderFeatures, Record
 from .errors import DPTLabError
 from .imaging import meta_sizes
@@ -506,22 +507,6 @@ def figures_html(*figs, title: str = "DPT Lab · block norms", text: str = "",
 
 
 # -- on the image --------------------------------------------------------------------
-def patch_box(image_size: tuple[int, int], grid: tuple[int, int], row: int, col: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) inclusive pixel box of patch (row, col) of a (gh, gw) grid on an
-    image of image_size (h, w). The model input is the image resized edge to edge (each
-    axis by input / image, imaging.PreprocessMeta) and a whole number of patches, so the
-    pixels whose centres fall in the patch are those with floor((p + 0.5) * g / n) == k."""
-    h, w = image_size
-    gh, gw = grid
-
-    def first(k, n, g):   # first pixel p with (2p + 1) * g >= 2 k n
-        return max(0, -(-(2 * k * n - g) // (2 * g)))
-
-    x0, x1 = first(col, w, gw), first(col + 1, w, gw) - 1
-    y0, y1 = first(row, h, gh), first(row + 1, h, gh) - 1
-    return x0, y0, max(x0, min(x1, w - 1)), max(y0, min(y1, h - 1))
-
-
 def draw_outliers(image_rgb, meta_or_sizes, result: BlockNorms, outliers: Outliers, block: Optional[int] = None,
                   *, color=(255, 45, 85), label: bool = True) -> np.ndarray:
     """A copy of the image (H x W x 3 uint8: the original image, or the model input) with
@@ -611,8 +596,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def run_cli(args) -> int:
-    import dpt_lab
     from PIL import Image
+
+    import dpt_lab
 
     from . import imaging
 

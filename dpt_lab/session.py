@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypedDict
 
 import numpy as np
 
@@ -381,10 +381,26 @@ class FusionResult:
     text: str
 
 
-def new_state() -> dict:
-    """The per-session state the app keeps in gr.State (small, except the image itself)."""
-    return {"image": None, "hash": None, "name": "image", "model": None, "base_size": None,
-            "keep_aspect": None, "click": None, "display": None}
+class SessionState(TypedDict):
+    """What one browser session keeps between events (gr.State; a plain dict, so it copies
+    and serialises as Gradio expects). Small, except the image itself."""
+
+    image: Optional[np.ndarray]        # H x W x 3 uint8, as the model saw it (EXIF applied)
+    hash: Optional[str]                # of the image's pixels: part of the encode's key
+    name: str                          # file stem for downloads
+    model: Optional[str]               # model, base size and aspect mode of the current encode
+    base_size: Optional[int]
+    keep_aspect: Optional[bool]
+    click: Any                         # the last attention click: (x, y) in image pixels, "cls" or None
+    display: Optional[np.ndarray]      # the image as served for clicking (longest side <= DISPLAY_MAX)
+    picked: Optional[str]              # the model the picker last loaded (the app goes back to it)
+    rendered: dict                     # tab -> the encode key it last showed (no re-render of the same)
+
+
+def new_state() -> SessionState:
+    """A session's state before its first image."""
+    return SessionState(image=None, hash=None, name="image", model=None, base_size=None, keep_aspect=None,
+                        click=None, display=None, picked=None, rendered={})
 
 
 def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):

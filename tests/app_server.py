@@ -80,9 +80,9 @@ def launch(tmp: Path, *, checkpoints: Iterable[str] = ("depth_anything_v2_vits",
     """Start the app as `python app.py` would (same queue, file limits, allowed paths, CSS),
     with the given fixture checkpoints (tests/fixtures.py stems) in a fresh weights folder.
     prepare_weights(folder) may add more files there before the app scans it."""
-    import app as app_module
     from fixtures import save_fixture_checkpoint
 
+    import app as app_module
     from dpt_lab import session as S
 
     tmp = Path(tmp)

@@ -9,11 +9,11 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from fixtures import save_fixture_checkpoint
 
 import dpt_lab
 from dpt_lab import attention
 from dpt_lab.attention import LayerError, PatchError, TokenError
-from fixtures import save_fixture_checkpoint
 
 HAS_BEIT = importlib.util.find_spec("dpt_lab.encoders.beit") is not None
 HAS_SWIN2 = importlib.util.find_spec("dpt_lab.encoders.swin2") is not None

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures import DATA, fixture
 
 import dpt_lab
 from dpt_lab import CheckpointError, Record
 from dpt_lab.encoders.beit import relative_position_index, resize_table
-from fixtures import DATA, fixture
 
 transformers = pytest.importorskip("transformers")
 

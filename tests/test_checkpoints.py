@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 import torch
+from fixtures import fixture, save_fixture_checkpoint
 
 import dpt_lab
 from dpt_lab import CheckpointError
-from fixtures import fixture, save_fixture_checkpoint
 
 STEM = "depth_anything_v2_vits"
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fixtures import save_fixture_checkpoint
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "assets" / "chelsea.jpg"          # 451 x 300

@@ -16,11 +16,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from fixtures import FixtureModels, save_fixture_checkpoint
 
 from dpt_lab import export, imaging
 from dpt_lab.errors import DPTLabError
 from dpt_lab.export import ExportBusyError, ExportError, ExportReport, VerificationError, export_onnx
-from fixtures import FixtureModels, save_fixture_checkpoint
 
 # family -> (fixture, export size, an unseen non-square size)
 CASES = {

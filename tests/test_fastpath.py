@@ -7,10 +7,10 @@ import gc
 
 import pytest
 import torch
+from fixtures import OFFICIAL_NAMES, FixtureModels, small_input
 from torch import nn
 
 from dpt_lab import fastpath
-from fixtures import OFFICIAL_NAMES, FixtureModels, small_input
 
 pytestmark = pytest.mark.skipif(not fastpath.available(), reason="no oneDNN in this torch build")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import OFFICIAL_NAMES, FixtureModels, save_fixture_checkpoint, small_input
 from PIL import Image
 
 import dpt_lab
@@ -19,7 +20,6 @@ from dpt_lab import fusion
 from dpt_lab.encoders.base import EncoderFeatures
 from dpt_lab.errors import DPTLabError
 from dpt_lab.fusion import FusionError, check_scales, parse_scales
-from fixtures import OFFICIAL_NAMES, FixtureModels, save_fixture_checkpoint, small_input
 
 STEMS = sorted(OFFICIAL_NAMES)
 # one checkpoint per family for the factor checks (ViT-B / ViT-L are DA v2 at other widths:

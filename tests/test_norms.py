@@ -13,11 +13,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from fixtures import save_fixture_checkpoint
 
 import dpt_lab
 from dpt_lab import Record, norms
 from dpt_lab.norms import BlockError, BlockNorms, NormsError, ThresholdError
-from fixtures import save_fixture_checkpoint
 
 
 def synthetic(blocks=4, grid=(6, 8), seed=0, cls=True, loc=10.0, scale=1.0):

@@ -4,9 +4,9 @@ under its official name."""
 
 import pytest
 import torch
+from fixtures import OFFICIAL_NAMES, fixture, fixture_checkpoint, save_fixture_checkpoint
 
 import dpt_lab
-from fixtures import OFFICIAL_NAMES, fixture, fixture_checkpoint, save_fixture_checkpoint
 
 EXPECTED_FAMILY = {
     "depth_anything_v2_vits": ("depth_anything_v2", "vits", (2, 5, 8, 11)),

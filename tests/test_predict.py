@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import DATA, OFFICIAL_NAMES, FixtureModels, key_rows
 from PIL import Image
+from test_imaging import official_resize_size
 
 import dpt_lab
 from dpt_lab.imaging import load_image
-from fixtures import DATA, OFFICIAL_NAMES, FixtureModels, key_rows
-from test_imaging import official_resize_size
 
 cv2 = pytest.importorskip("cv2")
 

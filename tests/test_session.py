@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import save_fixture_checkpoint
 
 from dpt_lab import session as S
 from dpt_lab.encoders.base import EncoderFeatures
 from dpt_lab.errors import DPTLabError
-from fixtures import save_fixture_checkpoint
 
 ASSET = "assets/coffee.jpg"    # 600 x 400
 

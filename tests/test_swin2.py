@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import fixture, save_fixture_checkpoint
 
 import dpt_lab
 from dpt_lab import CheckpointError, Record
 from dpt_lab.encoders.swin2 import window_of, window_row
-from fixtures import fixture, save_fixture_checkpoint
 
 STEM = "dpt_swin2_tiny_256"
 

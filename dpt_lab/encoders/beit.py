@@ -92,7 +92,7 @@ def resize_table(table: Tensor, window: tuple[int, int], grid: tuple[int, int]) 
 def _cacheable(*tensors: Tensor) -> bool:
     """Only plain eager tensors go in a cache: never while tracing / exporting / compiling
     (the cache would keep proxies), nor when autograd would need the graph."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if fastpath.tracing():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

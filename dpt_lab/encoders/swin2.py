@@ -230,19 +230,8 @@ def relative_position_index(window: int, device=None) -> Tensor:
 _CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
 
-def _tracing() -> bool:
-    if torch.jit.is_tracing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting"):
-        fn = getattr(compiler, name, None)
-        if fn is not None and fn():
-            return True
-    return False
-
-
 def _cached(key: tuple, make):
-    if _tracing():
+    if fastpath.tracing():
         return make()
     value = _CACHE.get(key)
     if value is None:
@@ -309,7 +298,7 @@ class WindowAttention(nn.Module):
         t = t.reshape(b, nh, ws, nw, ws, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
         qw, kw, vw = t.reshape(3, b * nh * nw, heads, n, d).unbind(0)
 
-        if _tracing() or sh or sw or hp != h or wp != w:   # the mask is all zeros otherwise
+        if fastpath.tracing() or sh or sw or hp != h or wp != w:   # the mask is all zeros otherwise
             mask = _cached(("mask", layout.grid, layout.padded, ws, sh, sw, str(x.device), x.dtype),
                            lambda: window_mask(layout, x.device, x.dtype))
             attn_mask = (bias[None] + mask[:, None]).expand(b, -1, -1, -1, -1).reshape(b * nh * nw, heads, n, n)

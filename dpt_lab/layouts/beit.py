@@ -16,12 +16,24 @@ import re
 
 import torch
 
-from ..checkpoints import (CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, check_complete, check_family,
-                           count_indexed, rename_keys)
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.beit import BeitConfig, BeitEncoder, midas_taps, relative_position_index, window_from_table
 from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
-from .depth_anything import merge_qkv, reverse_fusion, shift_one_based, unsupported_dpt_head
+from .base import (
+    CheckpointError,
+    Layout,
+    LoadHints,
+    RawCheckpoint,
+    assemble,
+    check_complete,
+    check_family,
+    count_indexed,
+    merge_qkv,
+    rename_keys,
+    reverse_fusion,
+    shift_one_based,
+    unsupported_dpt_head,
+)
 
 SIZE_BY_WIDTH = {768: "beit_base", 1024: "beit_large"}
 FAMILY = "midas_beit"
@@ -79,7 +91,8 @@ ORIGINAL_INDEX = r"pretrained\.model\.blocks\.\d+\.attn\.relative_position_index
 
 
 def original_keys(depth: int) -> list[str]:
-    keys = ["pretrained.model.cls_token", "pretrained.model.patch_embed.proj.weight", "pretrained.model.patch_embed.proj.bias"]
+    keys = ["pretrained.model.cls_token", "pretrained.model.patch_embed.proj.weight",
+            "pretrained.model.patch_embed.proj.bias"]
     for i in range(depth):
         b = f"pretrained.model.blocks.{i}."
         keys += [b + k for k in (
@@ -263,7 +276,7 @@ def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
         features=s["neck.convs.0.weight"].shape[0], readout="project",
         head_hidden=s["head.head.2.weight"].shape[0],
     )
-    state = reverse_fusion(merge_qkv(rename_keys(s, HF_RULES, HF_IGNORE, HF)))
+    state = reverse_fusion(merge_qkv(rename_keys(s, HF_RULES, HF_IGNORE, HF), HF))
     notes = []
     if cfg.eps != 1e-6:
         notes.append(f"LayerNorm eps {cfg.eps:g} from config.json (the original MiDaS BEiT uses 1e-6)")
@@ -273,7 +286,8 @@ def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
 
 
 LAYOUTS = [
-    Layout(ORIGINAL, ("pretrained.model.blocks.0.attn.relative_position_bias_table", "scratch.layer1_rn.weight"), build_original),
+    Layout(ORIGINAL, ("pretrained.model.blocks.0.attn.relative_position_bias_table", "scratch.layer1_rn.weight"),
+           build_original),
     Layout(HF, ("backbone.encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table",
                 "neck.reassemble_stage.layers.0.projection.weight"), build_hf),
 ]

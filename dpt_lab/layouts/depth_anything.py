@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import re
 
-import torch
-
-from ..checkpoints import CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, count_indexed, rename_keys, require
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.dinov2 import DinoV2Config, DinoV2Encoder, pos_grid_from_table, tap_blocks
 from ..model import IMAGENET_MEAN, IMAGENET_STD, DepthModel, ModelInfo
+from .base import (
+    CheckpointError,
+    Layout,
+    LoadHints,
+    RawCheckpoint,
+    assemble,
+    count_indexed,
+    merge_qkv,
+    rename_keys,
+    require,
+    reverse_fusion,
+    shift_one_based,
+)
 
 SIZE_BY_WIDTH = {384: "vits", 768: "vitb", 1024: "vitl", 1536: "vitg"}
 METRIC_DATASETS = {"hypersim": 20.0, "vkitti": 80.0, "indoor": 20.0, "outdoor": 80.0}
@@ -36,7 +46,8 @@ def resolve_family(hints: LoadHints, named: str | None, named_max: float | None,
     family = hints.family or named
     if family is None:
         family = fallback
-        notes.append(f"v1/v2 cannot be told from the tensors or the file name; assumed {fallback} (pass family= to override)")
+        notes.append(f"v1/v2 cannot be told from the tensors or the file name; assumed {fallback} "
+                     "(pass family= to override)")
     if not family.startswith("depth_anything"):
         raise CheckpointError(f"family {family!r} was asked for, but the file has the Depth-Anything layout")
     max_depth = None
@@ -48,7 +59,8 @@ def resolve_family(hints: LoadHints, named: str | None, named_max: float | None,
     return family, max_depth
 
 
-def build_depth_anything(cfg: DinoV2Config, dec: DecoderConfig, family: str, max_depth, state, layout: str, notes) -> DepthModel:
+def build_depth_anything(cfg: DinoV2Config, dec: DecoderConfig, family: str, max_depth, state, layout: str,
+                         notes) -> DepthModel:
     info = ModelInfo(
         family=family, size=SIZE_BY_WIDTH.get(cfg.width, f"vit{cfg.width}"), patch_size=cfg.patch_size,
         tile=cfg.patch_size, base_size=518, multiple=cfg.patch_size, resize_rule="lower_bound",
@@ -86,26 +98,14 @@ ORIGINAL_RULES = [
 ORIGINAL_IGNORE = [r"pretrained\.mask_token", r"pretrained\.register_tokens"]
 
 
-def shift_one_based(state: dict, patterns: tuple[str, ...]) -> dict:
-    """The original names number layer_rn / refinenet from 1; DPT Lab's lists from 0."""
-    out = {}
-    for key, value in state.items():
-        for prefix in patterns:
-            m = re.match(rf"({re.escape(prefix)})(\d+)(\..*)", key)
-            if m:
-                key = f"{m.group(1)}{int(m.group(2)) - 1}{m.group(3)}"
-                break
-        out[key] = value
-    return out
-
-
 def build_original(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
     s = ckpt.state
     width = require(s, "pretrained.cls_token", ORIGINAL).shape[-1]
     depth = count_indexed(s, r"pretrained\.blocks\.(\d+)\.norm1\.weight")
     patch = require(s, "pretrained.patch_embed.proj.weight", ORIGINAL).shape[-1]
     swiglu = "pretrained.blocks.0.mlp.w12.weight" in s
-    hidden = s["pretrained.blocks.0.mlp.w12.weight"].shape[0] // 2 if swiglu else require(s, "pretrained.blocks.0.mlp.fc1.weight", ORIGINAL).shape[0]
+    hidden = (s["pretrained.blocks.0.mlp.w12.weight"].shape[0] // 2 if swiglu
+              else require(s, "pretrained.blocks.0.mlp.fc1.weight", ORIGINAL).shape[0])
     notes: list[str] = []
     named, named_max = family_from_name(ckpt.name)
     family, max_depth = resolve_family(hints, named, named_max, "depth_anything_v2", notes)
@@ -151,46 +151,6 @@ HF_RULES = [
 HF_IGNORE = [r"backbone\.embeddings\.mask_token", r"backbone\.embeddings\.register_tokens"]
 
 
-def merge_qkv(state: dict) -> dict:
-    """-hf checkpoints store query, key and value apart; DPT Lab uses one qkv matrix."""
-    out, parts = {}, {}
-    for key, value in state.items():
-        if key.startswith("qkv."):
-            _, block, which, kind = key.split(".")
-            parts.setdefault((block, kind), {})[which] = value
-        else:
-            out[key] = value
-    for (block, kind), p in parts.items():
-        if set(p) != {"query", "key", "value"}:
-            raise CheckpointError(f"{HF}: block {block} lacks one of query/key/value {kind}")
-        out[f"encoder.blocks.{block}.attn.qkv.{kind}"] = torch.cat([p["query"], p["key"], p["value"]], dim=0)
-    return out
-
-
-def unsupported_dpt_head(config: dict) -> list[str]:
-    """The DPTConfig (MiDaS -hf) options the shared decoder does not implement, as set in
-    `config` (their defaults are what it implements)."""
-    unsupported = []
-    if config.get("add_projection"):
-        unsupported.append("add_projection=true")
-    if config.get("head_in_index", -1) not in (-1, 3):
-        unsupported.append(f"head_in_index={config['head_in_index']}")
-    if config.get("use_batch_norm_in_fusion_residual"):
-        unsupported.append("use_batch_norm_in_fusion_residual=true")
-    if config.get("neck_ignore_stages"):
-        unsupported.append(f"neck_ignore_stages={config['neck_ignore_stages']}")
-    return unsupported
-
-
-def reverse_fusion(state: dict) -> dict:
-    """-hf numbers fusion layers coarse to fine (layers.0 is the coarsest); DPT Lab fine to coarse."""
-    out = {}
-    for key, value in state.items():
-        m = re.match(r"fusion\.(\d)\.(.*)", key)
-        out[f"decoder.fusion.{3 - int(m.group(1))}.{m.group(2)}" if m else key] = value
-    return out
-
-
 def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
     s, config = ckpt.state, ckpt.config or {}
     backbone = config.get("backbone_config") or {}
@@ -220,12 +180,13 @@ def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
     )
     dec = DecoderConfig(
         in_channels=(width,) * 4,
-        reassemble_channels=tuple(require(s, f"neck.reassemble_stage.layers.{i}.projection.weight", HF).shape[0] for i in range(4)),
+        reassemble_channels=tuple(require(s, f"neck.reassemble_stage.layers.{i}.projection.weight", HF).shape[0]
+                                  for i in range(4)),
         features=require(s, "neck.convs.0.weight", HF).shape[0], readout="ignore",
         head_hidden=require(s, "head.conv2.weight", HF).shape[0],
         metric=max_depth is not None, max_depth=max_depth or 1.0,
     )
-    state = reverse_fusion(merge_qkv(rename_keys(s, HF_RULES, HF_IGNORE, HF)))
+    state = reverse_fusion(merge_qkv(rename_keys(s, HF_RULES, HF_IGNORE, HF), HF))
     model = build_depth_anything(cfg, dec, family, max_depth, state, HF, notes)
     model.info.layout = "hf"
     return model
@@ -233,5 +194,6 @@ def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
 
 LAYOUTS = [
     Layout(ORIGINAL, ("pretrained.blocks.0.attn.qkv.weight", "depth_head.scratch.layer1_rn.weight"), build_original),
-    Layout(HF, ("backbone.embeddings.position_embeddings", "head.conv1.weight", "neck.reassemble_stage.layers.0.projection.weight"), build_hf),
+    Layout(HF, ("backbone.embeddings.position_embeddings", "head.conv1.weight",
+                "neck.reassemble_stage.layers.0.projection.weight"), build_hf),
 ]

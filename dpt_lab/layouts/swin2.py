@@ -21,13 +21,31 @@ import re
 
 import torch
 
-from ..checkpoints import (CheckpointError, Layout, LoadHints, RawCheckpoint, assemble, check_complete, check_family,
-                           count_indexed, few, rename_keys)
 from ..decoder import DecoderConfig, DPTDecoder
-from ..encoders.swin2 import (Swin2Config, Swin2Encoder, relative_coords_table, relative_position_index,
-                              window_layout, window_mask)
+from ..encoders.swin2 import (
+    Swin2Config,
+    Swin2Encoder,
+    relative_coords_table,
+    relative_position_index,
+    window_layout,
+    window_mask,
+)
 from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
-from .depth_anything import reverse_fusion, shift_one_based, unsupported_dpt_head
+from .base import (
+    CheckpointError,
+    Layout,
+    LoadHints,
+    RawCheckpoint,
+    assemble,
+    check_complete,
+    check_family,
+    count_indexed,
+    few,
+    rename_keys,
+    reverse_fusion,
+    shift_one_based,
+    unsupported_dpt_head,
+)
 
 FAMILY = "midas_swin2"
 SIZE_BY_WIDTH = {96: "swin2_tiny", 128: "swin2_base", 192: "swin2_large"}
@@ -80,10 +98,12 @@ ORIGINAL = "MiDaS 3.1 SwinV2 original (.pt)"
 _OBLK = r"pretrained\.model\.layers\.(\d+)\.blocks\.(\d+)\."
 ORIGINAL_RULES = [
     (r"pretrained\.model\.patch_embed\.(proj|norm)\.(weight|bias)", r"encoder.patch_embed.\1.\2"),
-    (_OBLK + r"(attn\.(?:logit_scale|q_bias|v_bias|qkv\.weight|proj\.(?:weight|bias)|cpb_mlp\.(?:0\.weight|0\.bias|2\.weight)))",
+    (_OBLK + r"(attn\.(?:logit_scale|q_bias|v_bias|qkv\.weight|proj\.(?:weight|bias)"
+             r"|cpb_mlp\.(?:0\.weight|0\.bias|2\.weight)))",
      r"encoder.stages.\1.blocks.\2.\3"),
     (_OBLK + r"((?:norm1|norm2|mlp\.fc1|mlp\.fc2)\.(?:weight|bias))", r"encoder.stages.\1.blocks.\2.\3"),
-    (r"pretrained\.model\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", r"encoder.stages.\1.downsample.\2"),
+    (r"pretrained\.model\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)",
+     r"encoder.stages.\1.downsample.\2"),
     (r"scratch\.layer(\d)_rn\.weight", r"decoder.layer_rn.\1.weight"),
     (r"scratch\.refinenet(\d)\.resConfUnit(\d)\.(conv\d)\.(weight|bias)", r"decoder.fusion.\1.rcu\2.\3.\4"),
     (r"scratch\.refinenet(\d)\.out_conv\.(weight|bias)", r"decoder.fusion.\1.out_conv.\2"),
@@ -235,7 +255,8 @@ HF_RULES = [
     (_HBLK + r"layernorm_after\.(weight|bias)", _TO + r"norm2.\3"),
     (_HBLK + r"intermediate\.dense\.(weight|bias)", _TO + r"mlp.fc1.\3"),
     (_HBLK + r"output\.dense\.(weight|bias)", _TO + r"mlp.fc2.\3"),
-    (r"backbone\.encoder\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", r"encoder.stages.\1.downsample.\2"),
+    (r"backbone\.encoder\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)",
+     r"encoder.stages.\1.downsample.\2"),
     (r"neck\.convs\.(\d)\.weight", r"decoder.layer_rn.\1.weight"),
     (r"neck\.fusion_stage\.layers\.(\d)\.residual_layer(\d)\.convolution(\d)\.(weight|bias)", r"fusion.\1.rcu\2.conv\3.\4"),
     (r"neck\.fusion_stage\.layers\.(\d)\.projection\.(weight|bias)", r"fusion.\1.out_conv.\2"),
@@ -360,7 +381,8 @@ def build_hf(ckpt: RawCheckpoint, hints: LoadHints) -> DepthModel:
 
 
 LAYOUTS = [
-    Layout(ORIGINAL, ("pretrained.model.layers.0.blocks.0.attn.cpb_mlp.0.weight", "scratch.layer1_rn.weight"), build_original),
+    Layout(ORIGINAL, ("pretrained.model.layers.0.blocks.0.attn.cpb_mlp.0.weight", "scratch.layer1_rn.weight"),
+           build_original),
     Layout(HF, ("backbone.encoder.layers.0.blocks.0.attention.self.continuous_position_bias_mlp.0.weight",
                 "neck.convs.0.weight"), build_hf),
 ]
