@@ -1,5 +1,10 @@
-"""Checkpoint layouts, one module per family. Order matters only for messages."""
+"""Checkpoint layouts, one module per family, each with its LAYOUTS; every module here but
+`base` is one (a new family's module is found without being listed). The order matters
+only for messages: Depth-Anything first, the most common."""
 
-from . import beit, depth_anything, swin2
+import importlib
+import pkgutil
 
-ALL_LAYOUTS = [*depth_anything.LAYOUTS, *beit.LAYOUTS, *swin2.LAYOUTS]
+_MODULES = sorted((m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"),
+                  key=lambda name: (name != "depth_anything", name))
+ALL_LAYOUTS = [layout for name in _MODULES for layout in importlib.import_module(f".{name}", __name__).LAYOUTS]

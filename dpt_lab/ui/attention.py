@@ -1,0 +1,84 @@
+"""Attention tab: click a patch, see its row (where it looks) or column (who looks at it)
+for every head of a layer, from the session's recorded encode. API: /attention (a click
+by pixel coordinates of the original image)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import session as S
+from .base import MODEL_EVENT, Context, Tab, has_image, mark_rendered, sid, skips, user_error, user_errors
+
+ID, TITLE = "attention", "Attention"
+
+
+def build(ctx: Context) -> Tab:
+    lab = ctx.lab
+    gr.Markdown("Click a point of the image: the tiles show how that patch's token attends to every "
+                "other token (row) or how every token attends to it (column), per head and their mean.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            attn_image = gr.Image(label="Click a patch", format="png", interactive=False,
+                                  buttons=[], elem_id="attention-image")
+            layer = gr.Slider(1, 12, value=12, step=1, label="Layer", elem_id="attention-layer")
+            mode = gr.Radio([("row: where it looks", "row"), ("column: who looks at it", "column")],
+                            value="row", label="Mode")
+            with gr.Row():
+                log_c = gr.Checkbox(False, label="log contrast")
+                shared = gr.Checkbox(False, label="one scale for all heads")
+                cls_cb = gr.Checkbox(False, label="CLS token")
+            acmap = gr.Dropdown(list(S.COLORMAPS), value="inferno", label="Colormap")
+            alpha = gr.Slider(0, 1, value=0.0, step=0.05, label="Image under the maps (alpha)")
+            with gr.Accordion("Exact position (pixels of the original image)", open=False):
+                with gr.Row():
+                    ax = gr.Number(label="x", precision=2)
+                    ay = gr.Number(label="y", precision=2)
+                attn_btn = gr.Button("Show")
+        with gr.Column(scale=2):
+            tiles = gr.Image(label="Heads (and mean)", format="png", interactive=False,
+                             elem_id="attention-tiles")
+            attn_md = gr.Markdown(label="Attention info", elem_id="attention-info")
+    outputs = [tiles, attn_image, attn_md, ax, ay, ctx.state]
+
+    def render(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v, request):
+        r = lab.attention_at(sid(request), st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v)
+        mark_rendered(st, ID, lab)
+        click = st.get("click")
+        cx, cy = click if isinstance(click, tuple) else (None, None)
+        return r.tiles, r.marked, r.text, cx, cy, st
+
+    @user_errors
+    def do_attention(x, y, layer, mode, log_contrast, shared_scale, colormap, alpha, cls_token, st,
+                     request: gr.Request):
+        """x, y: pixel of the original image (column, row); layer 1..L; mode row | column."""
+        if (x is None or y is None) and not cls_token:
+            raise user_error("give the x and y of a pixel (or click the image)")
+        return render(st, x, y, layer, mode, log_contrast, shared_scale, colormap, alpha, cls_token, request)
+
+    @user_errors
+    def do_click(layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, st, evt: gr.SelectData, request: gr.Request):
+        if not has_image(st):
+            raise user_error("no image yet: run the Depth tab on an image first")
+        x, y = lab.display_to_image(st, *evt.index[:2])
+        return render(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, False, request)
+
+    @user_errors
+    def do_controls(layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v, st, request: gr.Request):
+        if not has_image(st):
+            return skips(len(outputs))
+        return render(st, None, None, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v, request)
+
+    controls = [layer, mode, log_c, shared, acmap, alpha]
+    attn_btn.click(do_attention, [ax, ay, *controls, cls_cb, ctx.state], outputs, api_name="attention",
+                   preprocess=False, **MODEL_EVENT)
+    attn_image.select(do_click, [*controls, ctx.state], outputs, api_visibility="private", **MODEL_EVENT)
+    gr.on([layer.change, mode.change, log_c.change, shared.change, acmap.change, alpha.release, cls_cb.change],
+          do_controls, [*controls, cls_cb, ctx.state], outputs, api_visibility="private",
+          trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
+
+    def fit(info, layer_value, _cls):
+        n = int(info.num_blocks)
+        return (gr.update(maximum=n, value=min(int(layer_value or n), n)),
+                gr.update(visible=True) if info.has_cls else gr.update(visible=False, value=False))
+
+    return Tab(refresh=do_controls, inputs=[*controls, cls_cb], outputs=outputs, fit=fit, fit_outputs=[layer, cls_cb])

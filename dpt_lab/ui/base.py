@@ -1,0 +1,193 @@
+"""What every tab shares: the context a tab is built from, what it declares back, the glue
+between Gradio and dpt_lab.session, and the wiring that refreshes tabs after a new encode.
+
+A tab module has ID, TITLE and `build(ctx) -> Tab`. Inside `build` it makes its
+components (app.py has opened its gr.Tab), wires its own handlers to `ctx.lab`, and
+returns how it refreshes: `Tab(refresh=render, inputs=[...], outputs=[...])`, where
+`render(*inputs, state, request)` returns the outputs for the session's current encode.
+`wire_refreshes` runs every tab's render after each new encode (only the visible tab's,
+and only once per encode) and when a tab is opened; `fit` declares the controls that
+follow the model (a layer slider's range, say). Gradio itself is imported only here and
+in the tab modules: `import dpt_lab` stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gradio as gr
+
+from .. import memory
+from .. import session as S
+from ..errors import DPTLabError, one_line
+
+MODEL_CONCURRENCY = 2          # events that run the model at once (CPU: ~one per core)
+MODEL_EVENT = dict(concurrency_id="model", concurrency_limit=MODEL_CONCURRENCY)   # every model event shares it
+
+
+# -- glue ----------------------------------------------------------------------------------
+def user_error(message: str) -> gr.Error:
+    """A message for the user; the server log stays quiet (it is not a server fault)."""
+    return gr.Error(message, print_exception=False)
+
+
+def user_errors(fn):
+    """Run a handler; DPT Lab's own errors, bad files and memory trouble become gr.Error
+    messages (the server keeps serving). Anything else is logged and shown briefly.
+    Afterwards the request's freed memory goes back to the OS (dpt_lab.memory)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (DPTLabError, OSError, ValueError) as exc:
+            raise user_error(one_line(exc)) from None
+        except MemoryError:
+            raise user_error("out of memory: try a smaller image or base size") from None
+        except Exception as exc:   # noqa: BLE001 - a bug: log it, answer with one line
+            traceback.print_exc()
+            raise user_error(f"internal error ({type(exc).__name__}: {exc}); see the server log") from None
+        finally:
+            memory.release()
+
+    return wrapper
+
+
+def sid(request: gr.Request | None) -> str:
+    return (getattr(request, "session_hash", None) or S.DEFAULT_SESSION) if request is not None else S.DEFAULT_SESSION
+
+
+def out_dir(kind: str) -> Path:
+    """A fresh folder inside Gradio's cache for files handed to the browser; Gradio deletes
+    them on the delete_cache schedule (and at shutdown)."""
+    root = Path(gr.utils.get_upload_folder()) / "dpt_lab"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=root))
+
+
+def uploaded(image):
+    """The upload payload if its file is in Gradio's upload cache, else a user error.
+    (Events run with preprocess=False so DPT Lab reads the file itself; a payload naming a
+    path elsewhere on this server must not be read.)"""
+    if image is None:
+        return None
+    path = image.get("path") if isinstance(image, dict) else None
+    if not isinstance(path, str) or not path:
+        raise user_error("the image must be an uploaded file (gradio_client: handle_file(path))")
+    if not gr.utils.is_in_or_equal(path, gr.utils.get_upload_folder()):
+        raise user_error("the image must be an uploaded file, not a path on the server")
+    return image
+
+
+def progress_fn(progress):
+    return lambda fraction, text: progress(fraction, desc=text)
+
+
+def skips(n: int):
+    return tuple(gr.skip() for _ in range(n))
+
+
+def has_image(st) -> bool:
+    return bool(st) and st.get("image") is not None
+
+
+# -- what a tab is built from, and what it gives back -------------------------------------
+@dataclass
+class Context:
+    lab: S.Lab
+    state: gr.State                 # the session's SessionState
+    model: gr.Dropdown              # the shared controls above the tabs
+    base: gr.Slider
+    aspect: gr.Radio
+    model_info: gr.Markdown
+    banner_text: str                # the untrained-model banner ('' for a trained startup model)
+    banners: list = field(default_factory=list)
+    encodes: list = field(default_factory=list)   # events after which the session has a new encode
+    deferred: list = field(default_factory=list)  # wiring that needs every tab built (e.g. all banners)
+
+    def later(self, wire: Callable[[], None]) -> None:
+        """Run `wire()` once every tab is built (app.py calls finish())."""
+        self.deferred.append(wire)
+
+    def finish(self) -> None:
+        for wire in self.deferred:
+            wire()
+        self.deferred.clear()
+
+    def add_banner(self) -> gr.Markdown:
+        md = gr.Markdown(self.banner_text, visible=bool(self.banner_text), elem_classes="dpt-banner")
+        self.banners.append(md)
+        return md
+
+
+@dataclass
+class Tab:
+    refresh: Optional[Callable] = None          # render(*inputs, state, request) -> outputs
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    fit: Optional[Callable] = None              # fit(info, *fit_outputs' values) -> their updates
+    fit_outputs: list = field(default_factory=list)
+
+
+# -- wiring -------------------------------------------------------------------------------
+def wire_refreshes(ctx: Context, tabs: list[tuple[str, Any, Tab]]) -> None:
+    """After every new encode: fit the controls to the model, then re-render the visible
+    tab if it has not shown this encode yet. Opening a tab does the same for it."""
+    lab = ctx.lab
+    active_tab = gr.State(tabs[0][0])
+    fitted = [t for _, _, t in tabs if t.fit]
+    fit_outputs = [c for t in fitted for c in t.fit_outputs]
+
+    def fit_controls(st, *values):
+        if not has_image(st):
+            return skips(len(fit_outputs))
+        info = lab.manager.get(st["model"]).info
+        out, k = [], 0
+        for t in fitted:
+            n = len(t.fit_outputs)
+            out += list(t.fit(info, *values[k:k + n]))
+            k += n
+        return tuple(out)
+
+    def make_refresh(tab_id: str, tab: Tab):
+        def refresh(active, st, request: gr.Request, *controls):
+            n_out = len(tab.outputs)
+            if active != tab_id or not has_image(st) or st["rendered"].get(tab_id) == lab.entry_key(st):
+                return skips(n_out)
+            try:
+                return tab.refresh(*controls, st, request)
+            except gr.Error as exc:    # the tab's own button shows it; the log says why it is blank
+                print(f"dpt-lab: {tab_id} tab not refreshed: {exc}", file=sys.stderr, flush=True)
+                return skips(n_out)
+        return refresh
+
+    refreshers = [(make_refresh(tab_id, t), t) for tab_id, _, t in tabs if t.refresh]
+
+    def then_refresh(event):
+        for fn, t in refreshers:
+            event.then(fn, [active_tab, ctx.state, *t.inputs], t.outputs, api_visibility="private", **MODEL_EVENT)
+
+    for event in ctx.encodes:
+        synced = event.success(fit_controls, [ctx.state, *fit_outputs], fit_outputs, api_visibility="private",
+                               queue=False)
+        for fn, t in refreshers:
+            synced.success(fn, [active_tab, ctx.state, *t.inputs], t.outputs, api_visibility="private", **MODEL_EVENT)
+    for tab_id, ui, _ in tabs:
+        then_refresh(ui.select(_constant(tab_id), None, active_tab, api_visibility="private", queue=False))
+
+
+def _constant(value):
+    return lambda: value
+
+
+def mark_rendered(st, tab_id: str, lab: S.Lab) -> None:
+    """The session's tab `tab_id` now shows its current encode (no refresh until a new one)."""
+    st["rendered"][tab_id] = lab.entry_key(st)

@@ -1,0 +1,57 @@
+"""Fusion scaling tab: four factors on the decoder's fusion inputs; only the decoder runs,
+on the session's cached features. API: /fusion, /fusion_files."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import session as S
+from .base import MODEL_EVENT, Context, Tab, mark_rendered, out_dir, sid, user_errors
+
+ID, TITLE = "fusion", "Fusion scaling"
+
+
+def build(ctx: Context) -> Tab:
+    lab = ctx.lab
+    gr.Markdown("Each factor multiplies the map entering one fusion block of the DPT decoder "
+                "(finest first). 0 removes that scale, 1 is the trained model; only the decoder runs.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            scales = [gr.Slider(*S.FUSION_RANGE, value=1.0, step=0.01, label=lbl, elem_id=f"fusion-scale-{i}")
+                      for i, lbl in enumerate(S.FUSION_LABELS, start=1)]
+            with gr.Row():
+                preset = gr.Dropdown(list(S.FUSION_PRESETS), value=None, label="Preset")
+                glitch = gr.Button("Random glitch")
+                reset = gr.Button("Reset", elem_id="fusion-reset")
+            fcmap = gr.Dropdown(list(S.COLORMAPS), value="turbo", label="Colormap")
+            ffiles_btn = gr.Button("Downloads of the scaled depth")
+            ffiles = gr.File(label="16-bit PNG, float32 .npy, coloured PNG", file_count="multiple")
+        with gr.Column(scale=2):
+            fscaled = gr.Image(label="Scaled", format="png", interactive=False, elem_id="fusion-scaled")
+            with gr.Row():
+                funscaled = gr.Image(label="Unscaled (1, 1, 1, 1)", format="png", interactive=False)
+                fdiff = gr.Image(label="Difference (scaled − unscaled)", format="png", interactive=False)
+            fusion_md = gr.Markdown(label="Fusion info", elem_id="fusion-info")
+    outputs = [fscaled, funscaled, fdiff, fusion_md, ctx.state]
+
+    @user_errors
+    def do_fusion(scale_1, scale_2, scale_3, scale_4, colormap, st, request: gr.Request):
+        """Four fusion factors (finest first, -5..5) on the session's cached encode."""
+        r = lab.fusion_view(sid(request), st, (scale_1, scale_2, scale_3, scale_4), colormap)
+        mark_rendered(st, ID, lab)
+        return r.scaled.colored, r.unscaled.colored, r.difference, r.text, st
+
+    @user_errors
+    def do_files(scale_1, scale_2, scale_3, scale_4, colormap, st, request: gr.Request):
+        files = lab.fusion_files(sid(request), st, out_dir("fusion"), (scale_1, scale_2, scale_3, scale_4),
+                                 colormap)
+        return [str(p) for p in files.values()]
+
+    gr.on([s.change for s in scales] + [fcmap.change], do_fusion, [*scales, fcmap, ctx.state], outputs,
+          api_name="fusion", preprocess=False, trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
+    ffiles_btn.click(do_files, [*scales, fcmap, ctx.state], [ffiles], api_name="fusion_files", preprocess=False,
+                     **MODEL_EVENT)
+    preset.input(user_errors(lab.fusion_preset), [preset], scales, api_visibility="private", queue=False)
+    glitch.click(lambda: lab.fusion_glitch(), None, scales, api_visibility="private", queue=False)
+    reset.click(lambda: lab.fusion_preset("reset"), None, scales, api_visibility="private", queue=False)
+    return Tab(refresh=do_fusion, inputs=[*scales, fcmap], outputs=outputs)
