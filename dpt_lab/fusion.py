@@ -22,8 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .choices import FUSION_IDENTITY as IDENTITY  # noqa: F401 - fusion's public names, shared with the tab
+from .choices import FUSION_LABELS as LAYER_LABELS  # noqa: F401
 from .choices import FUSION_MAX as SCALE_MAX
 from .choices import FUSION_MIN as SCALE_MIN
+from .choices import FUSION_PRESETS as PRESETS  # noqa: F401 - name -> factors, offered by the tab
 from .errors import DPTLabError
 
 
