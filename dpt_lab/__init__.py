@@ -2,7 +2,7 @@
 
 from .errors import CheckpointError, DPTLabError
 
-__all__ = ["load_model", "CheckpointError", "DPTLabError", "DepthModel", "ModelInfo", "EncoderFeatures", "Record"]
+__all__ = ["load_model", "build", "CheckpointError", "DPTLabError", "DepthModel", "ModelInfo", "EncoderFeatures", "Record"]
 __version__ = "0.1.0"
 
 # The names below import torch; they load on first use (PEP 562), so `import dpt_lab`
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 # web app's startup. `from dpt_lab import load_model, Record` works as before.
 _LAZY = {
     "load_model": ".checkpoints",
+    "build": ".architectures",
     "EncoderFeatures": ".encoders.base",
     "Record": ".encoders.base",
     "DepthModel": ".model",

@@ -9,6 +9,11 @@ class CheckpointError(DPTLabError, ValueError):
     """A file or folder that is not a checkpoint DPT Lab can load, and why."""
 
 
+class SessionError(DPTLabError, ValueError):
+    """A request the app cannot answer as asked (no image yet, unknown model, a click
+    outside the image, an out-of-range control), and why, in one line."""
+
+
 class ExportError(DPTLabError, RuntimeError):
     """The model could not be exported (bad options, or the exporter failed), and why."""
 

@@ -302,18 +302,10 @@ def _test_image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def _family_notes(info) -> list[str]:
-    fam = info.family
-    if fam.startswith("depth_anything"):
-        return ["dynamic sizes: the 37x37 position embedding is resized for the input's grid inside the graph "
-                "(bicubic weights computed from the size, the unresized table at 518x518)"]
-    if fam == "midas_beit":
-        return ["dynamic sizes: each block's relative position bias table is resized (bilinear) and indexed "
-                "for the input's grid inside the graph"]
-    if fam == "midas_swin2":
-        return ["dynamic sizes: native windows on any grid; padding, shifted-window rolls and masks are computed "
-                "from the input size inside the graph (sizes other than the native one follow DPT Lab's rule, "
-                "see encoders/swin2.py)"]
-    return []
+    from .families import FAMILY_SPECS
+
+    spec = FAMILY_SPECS.get(info.family)
+    return list(spec.export_notes) if spec else []
 
 
 @contextlib.contextmanager

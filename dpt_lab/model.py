@@ -21,11 +21,7 @@ from torch import Tensor, nn
 from . import fastpath
 from .decoder import DPTDecoder
 from .encoders.base import EncoderFeatures, Record
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
+from .families import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - importable from here as before
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""What the app keeps between events: models shared by every session, and each session's
-one recorded encode. No Gradio here: app.py wires these plain functions to components,
-and tests call them directly.
+"""The functions behind each tab, over each session's one recorded encode (store.py)
+and the models shared by every session (models.py). No Gradio here: the tabs in ui/
+wire these plain functions to components, and tests call them directly.
 
     manager = ModelManager(model=None, weights_dir=None, device=None)   # picks the startup model
     store = FeatureStore(max_bytes=2 << 30)
@@ -11,15 +11,8 @@ and tests call them directly.
     lab.fusion_view(session, state, (1, 0.5, 0, 1), cmap)
     lab.export_model(model_name, folder, dynamic=True, fp16=False, ...)
 
-Models (ModelManager). A bounded LRU of loaded models, shared by all sessions and
-thread-safe; each name is loaded once even when several sessions ask for it at the same
-time. The startup model is, in this order: the --model argument; a checkpoint in the
-weights folder; a known model already in the Hugging Face cache; else the
-Depth-Anything-V2-Small architecture with RANDOM weights, flagged untrained, whose banner
-(`manager.banner(name)`) says so on every tab. Names typed into the UI are only accepted
-when they are in the picker (registry names, local checkpoints, the startup model, the
-random model); a local name is resolved with weights.resolve_in_weights_dir, which refuses
-paths out of the weights folder.
+Models (ModelManager, models.py) are shared by all sessions; see that module for the
+startup order and the random model. The tabs' functions live here (Lab).
 
 Features (FeatureStore). Per session, the encode of the current image: keyed by (model,
 image hash, base size, keep_aspect), an entry holds the preprocessed input and its meta,
@@ -37,303 +30,25 @@ import hashlib
 import math
 import os
 import re
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypedDict
+from typing import Any, Optional, Sequence, TypedDict
 
 import numpy as np
 
 # the choices offered by the tabs (torch-free: the page is built before torch loads)
 from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
-from .errors import DPTLabError
+from .errors import DPTLabError, SessionError  # noqa: F401 - raised by the tabs' functions
+from .models import RANDOM_MODEL, ModelManager, ProgressFn, build_random_model, untrained_banner  # noqa: F401 - as before
 from .store import DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the store's names, as before
 
-RANDOM_MODEL = "depth-anything-v2-small (random weights, untrained)"
 DEFAULT_SESSION = "default"
 DISPLAY_MAX = 1024            # longest side of the clickable / overlay images (pixels)
 TABLE_LIMIT = 500             # outlier rows sent to the browser (the CSV has all norms)
-PREFERRED = ("depth-anything-v2-small", "depth-anything-v2-base", "depth-anything-v2-large")
 
-ProgressFn = Callable[[float, str], Any]
 
 FUSION_RANGE = (FUSION_MIN, FUSION_MAX)
-
-
-class SessionError(DPTLabError, ValueError):
-    """A request the app cannot answer as asked (no image yet, unknown model, a click
-    outside the image, an out-of-range control), and why, in one line."""
-
-
-# -- the random model ----------------------------------------------------------------------
-def build_random_model(seed: int = 0, device=None):
-    """Depth-Anything-V2-Small (ViT-S/14, 12 blocks, DPT decoder 64 features) with random
-    weights: every tensor is seeded noise scaled by its fan-in (the same recipe for every
-    run, so pictures are reproducible), layer scales 0.2, and a positive output bias so the
-    final ReLU does not flatten the map. It shows what the tools do, nothing about depth."""
-    import torch
-
-    from .decoder import DecoderConfig, DPTDecoder
-    from .encoders.dinov2 import DinoV2Config, DinoV2Encoder, tap_blocks
-    from .model import IMAGENET_MEAN, IMAGENET_STD, DepthModel, ModelInfo
-
-    cfg = DinoV2Config(width=384, depth=12, heads=6, mlp_hidden=1536, swiglu=False, taps=tap_blocks(12, 2))
-    dec = DecoderConfig(in_channels=(384,) * 4, reassemble_channels=(48, 96, 192, 384), features=64,
-                        readout="ignore", head_hidden=32)
-    info = ModelInfo(
-        family="depth_anything_v2", size="vits", patch_size=14, tile=14, base_size=518, multiple=14,
-        resize_rule="lower_bound", depth_resize="bilinear_align", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        num_blocks=12, num_heads=[6] * 12, tap_blocks=cfg.taps, has_cls=True, width=384, native_grid=(37, 37),
-        source="random weights (untrained)", name=RANDOM_MODEL,
-        notes=["untrained: random weights, the outputs mean nothing"],
-    )
-    with torch.device("meta"):
-        model = DepthModel(DinoV2Encoder(cfg), DPTDecoder(dec), info)
-    gen = torch.Generator().manual_seed(int(seed))
-    state = {}
-    for key, ref in model.state_dict().items():
-        noise = torch.randn(ref.shape, generator=gen)
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf in ("ls1", "ls2"):
-            value = 0.2 + 0.05 * noise
-        elif leaf in ("pos_embed", "cls_token"):
-            value = 0.1 * noise
-        elif noise.ndim >= 2:
-            value = noise / math.sqrt(math.prod(ref.shape[1:]))
-        elif leaf == "weight":
-            value = 1.0 + 0.1 * noise
-        else:
-            value = 0.1 * noise
-        state[key] = value
-    state["decoder.head.conv3.bias"] = torch.ones_like(state["decoder.head.conv3.bias"])
-    model.load_state_dict(state, assign=True, strict=True)
-    model.requires_grad_(False).eval()
-    if device is not None:
-        model = model.to(device)
-    return model
-
-
-def untrained_banner(folder: Path) -> str:
-    """The plain words shown on every tab while the random model is in use."""
-    return (
-        "⚠️ **Untrained model: random weights.** DPT Lab found no checkpoint, so it runs the "
-        "Depth-Anything-V2-Small architecture with random weights. The depth maps, attention "
-        "maps and norms shown here mean nothing: they only show what the tools do. "
-        "To get real weights: download `depth_anything_v2_vits.pth` from "
-        "https://huggingface.co/depth-anything/Depth-Anything-V2-Small and put it in the weights "
-        f"folder `{folder}` (or set `DPT_LAB_WEIGHTS` / `--weights-dir`), then restart; or run "
-        "`python app.py --model depth-anything-v2-small` where huggingface.co can be reached; or "
-        "pick a model in the list above (it is downloaded when the Hub can be reached)."
-    )
-
-
-# -- models ------------------------------------------------------------------------------
-class ModelManager:
-    """Loaded models shared by every session (bounded LRU, thread-safe, one load per name)."""
-
-    def __init__(self, model: Optional[str] = None, *, weights_dir=None, device=None,
-                 max_models: Optional[int] = None):
-        from . import weights
-
-        self.folder = _absolute(weights.weights_dir(weights_dir))
-        self.device = device
-        self.max_models = max(1, int(max_models or os.environ.get("DPT_LAB_MAX_MODELS") or 2))
-        self._models: "OrderedDict[str, Any]" = OrderedDict()
-        self._lock = threading.Lock()
-        self._name_locks: dict[str, threading.Lock] = {}
-        self._trusted: dict[str, Path] = {}       # names given on the command line -> their path
-        self._errors: dict[str, BaseException] = {}
-        self.loads = 0                            # checkpoint loads so far (tests)
-        self.startup, self.startup_reason = self._pick(model)
-
-    # -- which model ---------------------------------------------------------------------
-    def _pick(self, model: Optional[str]) -> tuple[str, str]:
-        from . import weights
-
-        if model is not None and str(model).strip():
-            text = str(model).strip()
-            path = weights.locate(text, weights_dir=self.folder)   # WeightsError / UnknownModelError
-            known = weights.KNOWN_MODELS.get(text)
-            name = known.name if known else text
-            self._trusted[name] = Path(path)
-            return name, f"--model {text} ({path})"
-        local = weights.scan_weights(self.folder)
-        if local:
-            ranked = sorted(local, key=lambda lw: (_rank(lw.known), lw.name.lower()))
-            best = ranked[0]
-            return best.known or best.name, f"checkpoint in the weights folder: {best.path}"
-        for name in sorted(weights.KNOWN_MODELS, key=_rank):
-            km = weights.KNOWN_MODELS[name]
-            try:
-                hit = weights.find_in_cache(km)
-            except Exception:   # noqa: BLE001 - a broken cache is the same as no cache here
-                hit = None
-            if hit is not None:
-                return name, f"known model in the Hugging Face cache: {hit}"
-        return RANDOM_MODEL, f"no checkpoint in {self.folder} and none in the Hugging Face cache"
-
-    def is_untrained(self, name: Optional[str]) -> bool:
-        return name == RANDOM_MODEL
-
-    @property
-    def untrained(self) -> bool:
-        """True when the startup model is the random one."""
-        return self.is_untrained(self.startup)
-
-    def banner(self, name: Optional[str] = None) -> str:
-        """Banner text for model `name` (default: the startup model); '' for trained models."""
-        return untrained_banner(self.folder) if self.is_untrained(name or self.startup) else ""
-
-    def choices(self) -> list[tuple[str, str]]:
-        """(label, value) pairs for the model picker: the startup model, local checkpoints,
-        every known model (tagged local / cached / download), and the random model."""
-        from . import weights
-
-        local = weights.scan_weights(self.folder)
-        local_known = {lw.known for lw in local if lw.known}
-        out: list[tuple[str, str]] = []
-        seen: set[str] = set()
-
-        def add(label: str, value: str):
-            if value not in seen:
-                seen.add(value)
-                out.append((label, value))
-
-        if self.startup in self._trusted:
-            add(f"{self.startup} (command line)", self.startup)
-        for lw in local:
-            if not lw.known:
-                add(f"{lw.name} (weights folder)", lw.name)
-        for name, km in weights.KNOWN_MODELS.items():
-            if name in local_known:
-                tag = "weights folder"
-            elif km.on_hub and _cached(km):
-                tag = "cached"
-            else:
-                tag = "download"
-            add(f"{name} · {km.display_name or name} ({tag})", name)
-        add(RANDOM_MODEL, RANDOM_MODEL)
-        return out
-
-    def validate(self, name) -> str:
-        """The name if the picker offers it (or it is the startup / command-line model),
-        else SessionError. Nothing outside the weights folder is reachable from here."""
-        from . import weights
-
-        if not isinstance(name, str) or not name.strip():
-            raise SessionError("no model chosen: pick one in the model list")
-        name = name.strip()
-        if name == RANDOM_MODEL or name in self._trusted or name in weights.KNOWN_MODELS:
-            return name
-        if any(lw.name == name for lw in weights.scan_weights(self.folder)):
-            return name
-        close = [v for _, v in self.choices() if name.lower() in v.lower()][:3]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise SessionError(f"unknown model {name!r}: pick one from the model list{hint}")
-
-    # -- loading -------------------------------------------------------------------------
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return list(self._models)
-
-    def get(self, name, progress: Optional[ProgressFn] = None):
-        """The loaded model `name`, loading (and downloading) it once if needed."""
-        name = self.validate(name)
-        with self._lock:
-            model = self._models.get(name)
-            if model is not None:
-                self._models.move_to_end(name)
-                return model
-            lock = self._name_locks.setdefault(name, threading.Lock())
-        with lock:
-            with self._lock:
-                model = self._models.get(name)
-                if model is not None:
-                    self._models.move_to_end(name)
-                    return model
-            try:
-                model = self._load(name, progress)
-            except BaseException as exc:
-                self._errors[name] = exc
-                raise
-            self._errors.pop(name, None)
-            with self._lock:
-                self._models[name] = model
-                self._models.move_to_end(name)
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-        return model
-
-    def _load(self, name: str, progress: Optional[ProgressFn]):
-        from . import weights
-        from .checkpoints import load_model
-
-        self.loads += 1
-        if name == RANDOM_MODEL:
-            if progress:
-                progress(0.0, "building the random (untrained) model")
-            return build_random_model(device=self.device)
-        family = max_depth = None
-        if name in self._trusted:
-            path = self._trusted[name]
-        elif name in weights.KNOWN_MODELS:
-            km = weights.KNOWN_MODELS[name]
-            family, max_depth = km.family, km.max_depth
-            local = [lw for lw in weights.scan_weights(self.folder) if lw.known == name]
-            path = local[0].path if local else weights.download(km, progress=progress, weights_dir=self.folder)
-        else:
-            path = weights.resolve_in_weights_dir(name, self.folder)
-        if progress:
-            progress(0.99, f"loading {name}")
-        model = load_model(path, family=family, max_depth=max_depth, device=self.device)
-        model.info.name = name
-        return model
-
-    def preload(self, name: Optional[str] = None) -> threading.Thread:
-        """Load `name` (default: the startup model) in a background thread; an error is
-        kept and raised again by the next get()."""
-        target = name or self.startup
-
-        def run():
-            try:
-                self.get(target)
-            except BaseException as exc:   # noqa: BLE001 - reported by get() later
-                print(f"dpt-lab: could not load {target}: {exc}", flush=True)
-
-        t = threading.Thread(target=run, name="dpt-lab-preload", daemon=True)
-        t.start()
-        return t
-
-    def describe(self, name: str) -> str:
-        """One line about a loaded model (loads it if needed)."""
-        info = self.get(name).info
-        grid = "stages" if info.window_sizes else f"patch {info.patch_size}"
-        return (f"**{name}** · {info.family} {info.size} · {info.num_blocks} blocks, {grid} · base size "
-                f"{info.base_size} · {info.depth_kind}")
-
-
-def _rank(known: Optional[str]) -> tuple[int, int]:
-    if known in PREFERRED:
-        return (0, PREFERRED.index(known))
-    return (1, 0) if known else (2, 0)
-
-
-def _cached(km) -> bool:
-    from . import weights
-
-    try:
-        return weights.find_in_cache(km) is not None
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _absolute(p: Path) -> Path:
-    try:
-        return Path(p).resolve()
-    except OSError:
-        return Path(p).absolute()
 
 
 # -- what the tabs show --------------------------------------------------------------------
@@ -491,7 +206,7 @@ class Lab:
         model = self.manager.get(model_name, progress)
         t0 = time.perf_counter()
         x, meta = model.preprocess(rgb, base_size, keep_aspect)
-        with torch.inference_mode():
+        with self.store.reserving(model_name, x.shape[-2] * x.shape[-1]), torch.inference_mode():
             probe = attention.capture(model, x, norms=True)
             depth = model.decode(probe.features)
         depth_image = model.postprocess(depth, meta)

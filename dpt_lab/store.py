@@ -13,6 +13,12 @@ measured by walking everything it keeps alive (`measure`: tensors by storage, Nu
 arrays by buffer, each counted once), when it is stored and again after every use that
 may have grown it, so the byte count the cap is checked against is what the entry really
 holds. An entry larger than the cap on its own is handed out but not kept.
+
+The cap bounds the encodes in flight too: `with store.reserving(model, pixels):` around
+the model work sets aside that work's estimated peak (WORKING_SET_FACTOR x the bytes per
+input pixel of that model's last entry) and evicts least recently used entries until
+what is kept plus what is reserved fits under the cap. So two wide images encoded at
+once do not add their working sets on top of a full store.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 DEFAULT_CACHE_BYTES = 2 << 30
+# An encode's peak working set against the entry it leaves: the entry itself plus the
+# transients (decoder maps at full resolution, the MLP's hidden layer, the resize back).
+# bench/working_set.py: 2.5-2.6x for ViT-S on the wide inputs that cost the most, 3-3.8x
+# on small ones, where fixed costs weigh more but the bytes are few; 3x covers the large.
+WORKING_SET_FACTOR = 3.0
 
 
 @dataclass
@@ -67,6 +78,11 @@ class Entry:
         """Bytes this entry keeps alive (see `measure`); its features are reached through
         the probe, named here too in case a probe holds them other than as an attribute."""
         return measure((self, self.feats))
+
+
+def _pixels(x) -> int:
+    shape = getattr(x, "shape", ())
+    return int(shape[-2]) * int(shape[-1]) if len(shape) >= 2 else 0
 
 
 def _not_walked(obj) -> bool:
@@ -147,6 +163,8 @@ class FeatureStore:
         self._session_locks: dict[str, threading.RLock] = {}
         self.encodes = 0
         self.too_large = 0          # entries handed out but not kept (larger than the cap alone)
+        self.reserved = 0           # bytes set aside for encodes in flight (see reserving)
+        self._bytes_per_pixel: dict[str, float] = {}    # by model: the largest entry per input pixel seen
 
     @property
     def nbytes(self) -> int:
@@ -184,12 +202,36 @@ class FeatureStore:
             entry.nbytes = entry.measure()
             with self._lock:
                 self.encodes += 1
+                pixels = _pixels(entry.x)
+                if pixels:
+                    seen = self._bytes_per_pixel.get(entry.model_name, 0.0)
+                    self._bytes_per_pixel[entry.model_name] = max(seen, entry.nbytes / pixels)
                 self._entries[(session, key)] = entry
                 mine = [k for k in self._entries if k[0] == session]
                 for k in mine[:-self.max_per_session]:
                     del self._entries[k]
                 self._fit((session, key))
             return entry
+
+    def working_set(self, model_name: str, pixels: int) -> int:
+        """Estimated peak bytes of encoding `pixels` input pixels with this model (0 until
+        the store has seen one of its entries)."""
+        with self._lock:
+            return int(WORKING_SET_FACTOR * self._bytes_per_pixel.get(model_name, 0.0) * pixels)
+
+    @contextmanager
+    def reserving(self, model_name: str, pixels: int):
+        """Set aside the estimated working set of one encode while it runs, evicting least
+        recently used entries so that kept + reserved bytes stay under the cap."""
+        need = self.working_set(model_name, pixels)
+        with self._lock:
+            self.reserved += need
+            self._fit(None)
+        try:
+            yield need
+        finally:
+            with self._lock:
+                self.reserved -= need
 
     @contextmanager
     def using(self, entry: Entry):
@@ -206,13 +248,14 @@ class FeatureStore:
                     if key is not None:
                         self._fit(key)
 
-    def _fit(self, newest: tuple) -> None:
+    def _fit(self, newest: Optional[tuple]) -> None:
         """Evict least recently used entries (never `newest` while it fits alone) until the
-        total is under max_bytes; an entry past the cap on its own is not kept. Holds the lock."""
+        total plus the reserved bytes is under max_bytes; an entry past the cap on its own
+        is not kept. Holds the lock."""
         if newest in self._entries and self._entries[newest].nbytes > self.max_bytes:
             del self._entries[newest]
             self.too_large += 1
-        total = sum(e.nbytes for e in self._entries.values())
+        total = sum(e.nbytes for e in self._entries.values()) + self.reserved
         for k in list(self._entries):
             if total <= self.max_bytes:
                 break

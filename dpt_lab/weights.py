@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .errors import DPTLabError
+from .families import KnownModel, published
 
 __all__ = [
     "KnownModel",
@@ -52,13 +53,7 @@ __all__ = [
 ProgressFn = Callable[[float, str], object]
 PathLike = Union[str, "os.PathLike[str]"]
 
-FAMILIES = (
-    "depth_anything_v2",
-    "depth_anything_v2_metric",
-    "depth_anything_v1",
-    "midas_beit",
-    "midas_swin2",
-)
+FAMILIES = tuple(dict.fromkeys(m.family for m in published()))   # the order the picker shows
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 HF_CONFIG = "config.json"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -91,156 +86,7 @@ class UnknownModelError(WeightsError, KeyError):
 # --------------------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class KnownModel:
-    """One published checkpoint.
-
-    ``filename`` is None for Hugging Face ``-hf`` (transformers) repos: the checkpoint is
-    then the whole folder (``config.json`` + ``model.safetensors``). ``layout`` tells the
-    key naming: "original" (the authors' state dict) or "hf" (transformers' names).
-    ``repo_type`` is "model" or "space" for the Hugging Face Hub, "url" for a file served
-    elsewhere (then ``url`` is the direct link and ``repo_id`` names its project).
-    """
-
-    name: str
-    family: str
-    size: str
-    repo_id: str
-    filename: Optional[str]
-    layout: str
-    license: str
-    native_size: int
-    max_depth: Optional[float] = None
-    display_name: str = ""
-    repo_type: str = "model"
-    url: Optional[str] = None
-
-    @property
-    def is_folder(self) -> bool:
-        return self.filename is None
-
-    @property
-    def on_hub(self) -> bool:
-        return self.repo_type in ("model", "space")
-
-    @property
-    def metric(self) -> bool:
-        return self.max_depth is not None
-
-    @property
-    def page_url(self) -> str:
-        """Human-facing page of the source (Hub repo, Space, or release page)."""
-        if self.repo_type == "space":
-            return f"https://huggingface.co/spaces/{self.repo_id}"
-        if self.repo_type == "model":
-            return f"https://huggingface.co/{self.repo_id}"
-        if self.url and "/releases/download/" in self.url:
-            return self.url.rsplit("/", 1)[0].replace("/releases/download/", "/releases/tag/")
-        return f"https://github.com/{self.repo_id}"
-
-    @property
-    def file_url(self) -> str:
-        """Direct link to the file (or to the repo's file list for a folder)."""
-        if self.url:
-            return self.url
-        if self.is_folder:
-            return f"{self.page_url}/tree/main"
-        return f"{self.page_url}/resolve/main/{self.filename}"
-
-    @property
-    def local_name(self) -> str:
-        """Name under which the checkpoint is looked for in the weights folder."""
-        if self.filename:
-            return Path(self.filename).name
-        return self.repo_id.rsplit("/", 1)[-1]
-
-
-def _entries() -> list[KnownModel]:
-    out: list[KnownModel] = []
-    sizes = {"vits": "Small", "vitb": "Base", "vitl": "Large"}
-    # Depth Anything V2 Small is Apache-2.0; Base and Large are CC-BY-NC-4.0 (the Giant
-    # checkpoint was announced but never published, so it is not listed).
-    lic = {"vits": "Apache-2.0", "vitb": "CC-BY-NC-4.0", "vitl": "CC-BY-NC-4.0"}
-
-    for enc, word in sizes.items():
-        low = word.lower()
-        out.append(KnownModel(
-            name=f"depth-anything-v2-{low}", family="depth_anything_v2", size=enc,
-            repo_id=f"depth-anything/Depth-Anything-V2-{word}",
-            filename=f"depth_anything_v2_{enc}.pth", layout="original", license=lic[enc],
-            native_size=518, display_name=f"Depth Anything V2 {word}",
-        ))
-        out.append(KnownModel(
-            name=f"depth-anything-v2-{low}-hf", family="depth_anything_v2", size=enc,
-            repo_id=f"depth-anything/Depth-Anything-V2-{word}-hf",
-            filename=None, layout="hf", license=lic[enc],
-            native_size=518, display_name=f"Depth Anything V2 {word} (transformers)",
-        ))
-    for scene, hub_scene, hf_scene, max_depth in (
-        ("hypersim", "Hypersim", "Indoor", 20.0),
-        ("vkitti", "VKITTI", "Outdoor", 80.0),
-    ):
-        for enc, word in sizes.items():
-            low = word.lower()
-            out.append(KnownModel(
-                name=f"depth-anything-v2-metric-{scene}-{low}",
-                family="depth_anything_v2_metric", size=enc,
-                repo_id=f"depth-anything/Depth-Anything-V2-Metric-{hub_scene}-{word}",
-                filename=f"depth_anything_v2_metric_{scene}_{enc}.pth", layout="original",
-                license=lic[enc], native_size=518, max_depth=max_depth,
-                display_name=f"Depth Anything V2 Metric {hub_scene} {word} ({max_depth:g} m)",
-            ))
-            out.append(KnownModel(
-                name=f"depth-anything-v2-metric-{hf_scene.lower()}-{low}-hf",
-                family="depth_anything_v2_metric", size=enc,
-                repo_id=f"depth-anything/Depth-Anything-V2-Metric-{hf_scene}-{word}-hf",
-                filename=None, layout="hf", license=lic[enc], native_size=518,
-                max_depth=max_depth,
-                display_name=(f"Depth Anything V2 Metric {hf_scene} {word} "
-                              f"({max_depth:g} m, transformers)"),
-            ))
-    # Depth Anything V1: the original checkpoints sit in the authors' demo Space.
-    for enc, word in sizes.items():
-        low = word.lower()
-        out.append(KnownModel(
-            name=f"depth-anything-v1-{low}", family="depth_anything_v1", size=enc,
-            repo_id="LiheYoung/Depth-Anything", repo_type="space",
-            filename=f"checkpoints/depth_anything_{enc}14.pth", layout="original",
-            license="Apache-2.0", native_size=518, display_name=f"Depth Anything V1 {word}",
-        ))
-        out.append(KnownModel(
-            name=f"depth-anything-v1-{low}-hf", family="depth_anything_v1", size=enc,
-            repo_id=f"LiheYoung/depth-anything-{low}-hf", filename=None, layout="hf",
-            license="Apache-2.0", native_size=518,
-            display_name=f"Depth Anything V1 {word} (transformers)",
-        ))
-    # MiDaS 3.1: original files are GitHub release assets; Intel converted them for transformers.
-    midas = (
-        ("midas_beit", "beit_base", "dpt_beit_base_384", "dpt-beit-base-384", 384, "BEiT-Base 384"),
-        ("midas_beit", "beit_large", "dpt_beit_large_384", "dpt-beit-large-384", 384, "BEiT-Large 384"),
-        ("midas_beit", "beit_large", "dpt_beit_large_512", "dpt-beit-large-512", 512, "BEiT-Large 512"),
-        ("midas_swin2", "swin2_tiny", "dpt_swin2_tiny_256", "dpt-swinv2-tiny-256", 256, "SwinV2-Tiny 256"),
-        ("midas_swin2", "swin2_base", "dpt_swin2_base_384", "dpt-swinv2-base-384", 384, "SwinV2-Base 384"),
-        ("midas_swin2", "swin2_large", "dpt_swin2_large_384", "dpt-swinv2-large-384", 384, "SwinV2-Large 384"),
-    )
-    for family, size, stem, intel, native, label in midas:
-        short = stem.replace("_", "-")  # e.g. dpt-beit-base-384
-        out.append(KnownModel(
-            name=f"midas-{short}", family=family, size=size, repo_id="isl-org/MiDaS",
-            repo_type="url", filename=f"{stem}.pt",
-            url=f"https://github.com/isl-org/MiDaS/releases/download/v3_1/{stem}.pt",
-            layout="original", license="MIT", native_size=native,
-            display_name=f"MiDaS 3.1 {label}",
-        ))
-        out.append(KnownModel(
-            name=f"midas-{short}-hf", family=family, size=size, repo_id=f"Intel/{intel}",
-            filename=None, layout="hf", license="MIT", native_size=native,
-            display_name=f"MiDaS 3.1 {label} (transformers)",
-        ))
-    return out
-
-
-KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in _entries()}
+KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in published()}
 
 
 def _all_local_names() -> list[str]:

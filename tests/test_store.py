@@ -139,3 +139,37 @@ def test_store_stays_under_its_cap_with_concurrent_sessions(lab):
     assert peaks["live"] <= lab.store.max_bytes + 64 * 1024
     entries = [e for s in lab.store.sessions() for e in lab.store.entries(s)]
     assert lab.store.nbytes == live_bytes(entries) <= lab.store.max_bytes
+
+
+def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
+    """While a model encodes, kept + reserved bytes stay under the cap: older entries are
+    evicted for the encode's estimated peak, not only after it has finished."""
+    lab.depth_view("a", None, picture(20), S.RANDOM_MODEL, BASE)
+    one = lab.store.entries("a")[0]
+    pixels = one.x.shape[-2] * one.x.shape[-1]
+    assert lab.store.working_set(S.RANDOM_MODEL, pixels) == int(store.WORKING_SET_FACTOR * one.nbytes)
+    assert lab.store.working_set("another model", pixels) == 0       # nothing learnt of it yet
+    lab.depth_view("b", None, picture(21), S.RANDOM_MODEL, BASE)
+    assert len(lab.store.entries("a")) == len(lab.store.entries("b")) == 1
+    need = lab.store.working_set(S.RANDOM_MODEL, pixels)
+    lab.store.max_bytes = lab.store.nbytes + need - 1                # both fit, but not with a working set too
+
+    seen = {}
+    from dpt_lab import attention
+
+    real = attention.capture
+
+    def watching(model, x, **kw):
+        with lab.store._lock:
+            seen["reserved"] = lab.store.reserved
+            seen["kept"] = sum(e.nbytes for e in lab.store._entries.values())
+            seen["sessions"] = {s for s, _ in lab.store._entries}
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(attention, "capture", watching)
+    lab.depth_view("c", None, picture(22), S.RANDOM_MODEL, BASE)
+    assert seen["reserved"] == need > 0
+    assert seen["kept"] + seen["reserved"] <= lab.store.max_bytes
+    assert seen["sessions"] == {"b"}              # the least recently used went first
+    assert lab.store.reserved == 0                # given back once the encode is done
+    assert lab.store.nbytes <= lab.store.max_bytes

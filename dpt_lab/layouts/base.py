@@ -14,14 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-
-FAMILIES = ("depth_anything_v1", "depth_anything_v2", "depth_anything_v2_metric", "midas_beit", "midas_swin2")
-FAMILY_ALIASES = {
-    "v1": "depth_anything_v1", "depth_anything": "depth_anything_v1", "da1": "depth_anything_v1",
-    "v2": "depth_anything_v2", "da2": "depth_anything_v2",
-    "metric": "depth_anything_v2_metric", "v2_metric": "depth_anything_v2_metric",
-    "beit": "midas_beit", "swin2": "midas_swin2", "swinv2": "midas_swin2",
-}
+from ..families import FAMILIES, FAMILY_ALIASES  # noqa: F401 - declared once, in families.py
 
 
 @dataclass

@@ -18,7 +18,8 @@ import torch
 
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.beit import BeitConfig, BeitEncoder, midas_taps, relative_position_index, window_from_table
-from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
+from ..families import FAMILY_SPECS, FamilySpec, SizeSpec
+from ..model import DepthModel, ModelInfo
 from .base import (
     CheckpointError,
     Layout,
@@ -35,8 +36,9 @@ from .base import (
     unsupported_dpt_head,
 )
 
-SIZE_BY_WIDTH = {768: "beit_base", 1024: "beit_large"}
 FAMILY = "midas_beit"
+SPEC = FAMILY_SPECS[FAMILY]
+SIZE_BY_WIDTH = SPEC.size_by_width()
 
 
 def check_index_buffers(state: dict, pattern: str, window: tuple[int, int], layout: str) -> None:
@@ -54,15 +56,36 @@ def check_index_buffers(state: dict, pattern: str, window: tuple[int, int], layo
                 )
 
 
-def build_beit(cfg: BeitConfig, dec: DecoderConfig, state: dict, layout: str, notes: list[str]) -> DepthModel:
-    info = ModelInfo(
+FAMILIES = (FAMILY,)
+
+
+def model_info(cfg: BeitConfig, dec: DecoderConfig, family: str = FAMILY, max_depth=None, notes=()) -> ModelInfo:
+    return ModelInfo(
         family=FAMILY, size=SIZE_BY_WIDTH.get(cfg.width, f"beit{cfg.width}"), patch_size=cfg.patch_size,
-        tile=cfg.patch_size, base_size=cfg.window[0] * cfg.patch_size, multiple=32, resize_rule="minimal",
-        depth_resize="bicubic", mean=HALF_MEAN, std=HALF_STD, num_blocks=cfg.depth,
+        tile=cfg.patch_size, base_size=cfg.window[0] * cfg.patch_size, multiple=SPEC.multiple,
+        resize_rule=SPEC.resize_rule, depth_resize=SPEC.depth_resize, mean=SPEC.mean, std=SPEC.std, num_blocks=cfg.depth,
         num_heads=[cfg.heads] * cfg.depth, tap_blocks=cfg.taps, has_cls=True, width=cfg.width,
-        native_grid=tuple(cfg.window), notes=notes,
+        native_grid=tuple(cfg.window), notes=list(notes),
     )
-    return assemble(lambda: DepthModel(BeitEncoder(cfg), DPTDecoder(dec), info), state, layout)
+
+
+def network(cfg: BeitConfig, dec: DecoderConfig, info: ModelInfo) -> DepthModel:
+    return DepthModel(BeitEncoder(cfg), DPTDecoder(dec), info)
+
+
+def architecture(spec: FamilySpec, size: SizeSpec, native: int) -> tuple[BeitConfig, DecoderConfig]:
+    """The configs of a declared size, as build_original reads them from its checkpoint."""
+    window = native // size.patch
+    cfg = BeitConfig(width=size.width, depth=size.depth, heads=size.heads, mlp_hidden=size.hidden,
+                     taps=midas_taps(size.depth), window=(window, window), patch_size=size.patch)
+    dec = DecoderConfig(in_channels=(size.width,) * 4, reassemble_channels=size.reassemble, features=size.features,
+                        readout=spec.readout, head_hidden=size.head_hidden)
+    return cfg, dec
+
+
+def build_beit(cfg: BeitConfig, dec: DecoderConfig, state: dict, layout: str, notes: list[str]) -> DepthModel:
+    info = model_info(cfg, dec, notes=notes)
+    return assemble(lambda: network(cfg, dec, info), state, layout)
 
 
 # -- original .pt ---------------------------------------------------------------------

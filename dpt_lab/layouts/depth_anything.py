@@ -8,7 +8,8 @@ import re
 
 from ..decoder import DecoderConfig, DPTDecoder
 from ..encoders.dinov2 import DinoV2Config, DinoV2Encoder, pos_grid_from_table, tap_blocks
-from ..model import IMAGENET_MEAN, IMAGENET_STD, DepthModel, ModelInfo
+from ..families import FAMILY_SPECS, FamilySpec, SizeSpec
+from ..model import DepthModel, ModelInfo
 from .base import (
     CheckpointError,
     Layout,
@@ -23,7 +24,8 @@ from .base import (
     shift_one_based,
 )
 
-SIZE_BY_WIDTH = {384: "vits", 768: "vitb", 1024: "vitl", 1536: "vitg"}
+SIZE_BY_WIDTH = FAMILY_SPECS["depth_anything_v2"].size_by_width()   # every size v1 / metric have too
+BASE_SIZE = FAMILY_SPECS["depth_anything_v2"].size("vits").native_sizes[0]   # 518: the same at every size
 METRIC_DATASETS = {"hypersim": 20.0, "vkitti": 80.0, "indoor": 20.0, "outdoor": 80.0}
 
 
@@ -54,22 +56,45 @@ def resolve_family(hints: LoadHints, named: str | None, named_max: float | None,
     if family == "depth_anything_v2_metric":
         max_depth = hints.max_depth or named_max
         if max_depth is None:
-            max_depth = 20.0
+            max_depth = FAMILY_SPECS[family].max_depth
             notes.append("metric max_depth is not stored in the checkpoint; assumed 20 m (hypersim); pass max_depth=")
     return family, max_depth
 
 
+FAMILIES = ("depth_anything_v1", "depth_anything_v2", "depth_anything_v2_metric")   # the ones this module loads
+
+
+def model_info(cfg: DinoV2Config, dec: DecoderConfig, family: str, max_depth=None, notes=()) -> ModelInfo:
+    spec = FAMILY_SPECS[family]
+    return ModelInfo(
+        family=family, size=SIZE_BY_WIDTH.get(cfg.width, f"vit{cfg.width}"), patch_size=cfg.patch_size,
+        tile=cfg.patch_size, base_size=BASE_SIZE, multiple=cfg.patch_size, resize_rule=spec.resize_rule,
+        depth_resize=spec.depth_resize, mean=spec.mean, std=spec.std, num_blocks=cfg.depth,
+        num_heads=[cfg.heads] * cfg.depth,
+        tap_blocks=cfg.taps, has_cls=True, metric=dec.metric, max_depth=max_depth, width=cfg.width,
+        native_grid=(cfg.pos_grid, cfg.pos_grid), notes=list(notes),
+    )
+
+
+def network(cfg: DinoV2Config, dec: DecoderConfig, info: ModelInfo) -> DepthModel:
+    return DepthModel(DinoV2Encoder(cfg), DPTDecoder(dec), info)
+
+
+def architecture(spec: FamilySpec, size: SizeSpec, native: int) -> tuple[DinoV2Config, DecoderConfig]:
+    """The configs of a declared size, as build_original reads them from its checkpoint."""
+    cfg = DinoV2Config(width=size.width, depth=size.depth, heads=size.heads, mlp_hidden=size.hidden,
+                       swiglu=size.swiglu, taps=tap_blocks(size.depth, spec.tap_version), patch_size=size.patch,
+                       pos_grid=native // size.patch)
+    dec = DecoderConfig(in_channels=(size.width,) * 4, reassemble_channels=size.reassemble, features=size.features,
+                        readout=spec.readout, head_hidden=size.head_hidden, metric=spec.metric,
+                        max_depth=spec.max_depth or 1.0)
+    return cfg, dec
+
+
 def build_depth_anything(cfg: DinoV2Config, dec: DecoderConfig, family: str, max_depth, state, layout: str,
                          notes) -> DepthModel:
-    info = ModelInfo(
-        family=family, size=SIZE_BY_WIDTH.get(cfg.width, f"vit{cfg.width}"), patch_size=cfg.patch_size,
-        tile=cfg.patch_size, base_size=518, multiple=cfg.patch_size, resize_rule="lower_bound",
-        depth_resize="bilinear" if family == "depth_anything_v1" else "bilinear_align",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_blocks=cfg.depth, num_heads=[cfg.heads] * cfg.depth,
-        tap_blocks=cfg.taps, has_cls=True, metric=dec.metric, max_depth=max_depth, width=cfg.width,
-        native_grid=(cfg.pos_grid, cfg.pos_grid), notes=notes,
-    )
-    return assemble(lambda: DepthModel(DinoV2Encoder(cfg), DPTDecoder(dec), info), state, layout)
+    info = model_info(cfg, dec, family, max_depth, notes)
+    return assemble(lambda: network(cfg, dec, info), state, layout)
 
 
 def heads_for_width(width: int) -> int:

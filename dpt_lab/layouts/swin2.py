@@ -30,7 +30,8 @@ from ..encoders.swin2 import (
     window_layout,
     window_mask,
 )
-from ..model import HALF_MEAN, HALF_STD, DepthModel, ModelInfo
+from ..families import FAMILY_SPECS, FamilySpec, SizeSpec
+from ..model import DepthModel, ModelInfo
 from .base import (
     CheckpointError,
     Layout,
@@ -48,9 +49,10 @@ from .base import (
 )
 
 FAMILY = "midas_swin2"
-SIZE_BY_WIDTH = {96: "swin2_tiny", 128: "swin2_base", 192: "swin2_large"}
+SPEC = FAMILY_SPECS[FAMILY]
+SIZE_BY_WIDTH = SPEC.size_by_width()
 # the official models, by embed width: (native window, native input, pretrained windows)
-OFFICIAL = {96: (16, 256, (0, 0, 0, 0)), 128: (24, 384, (12, 12, 12, 6)), 192: (24, 384, (12, 12, 12, 6))}
+OFFICIAL = {s.width: (s.window, s.native_sizes[0], s.pretrained_windows) for s in SPEC.sizes.values()}
 BLOCK_PARAMS = (
     "attn.logit_scale", "attn.q_bias", "attn.v_bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias",
     "attn.cpb_mlp.0.weight", "attn.cpb_mlp.0.bias", "attn.cpb_mlp.2.weight",
@@ -59,16 +61,38 @@ BLOCK_PARAMS = (
 )
 
 
-def build_swin2(cfg: Swin2Config, dec: DecoderConfig, state: dict, layout: str, notes: list[str]) -> DepthModel:
+FAMILIES = (FAMILY,)
+
+
+def model_info(cfg: Swin2Config, dec: DecoderConfig, family: str = FAMILY, max_depth=None, notes=()) -> ModelInfo:
     heads = [h for h, d in zip(cfg.heads, cfg.depths) for _ in range(d)]
-    info = ModelInfo(
+    return ModelInfo(
         family=FAMILY, size=SIZE_BY_WIDTH.get(cfg.embed_dim, f"swin2_{cfg.embed_dim}"), patch_size=cfg.patch_size,
-        tile=cfg.tile, base_size=cfg.native_size, multiple=cfg.tile, resize_rule="stretch", depth_resize="bicubic",
-        mean=HALF_MEAN, std=HALF_STD, num_blocks=sum(cfg.depths), num_heads=heads, tap_blocks=cfg.tap_blocks,
-        has_cls=False, width=cfg.embed_dim, native_grid=(cfg.native_grid, cfg.native_grid),
-        window_sizes=cfg.window_sizes, notes=notes,
+        tile=cfg.tile, base_size=cfg.native_size, multiple=cfg.tile, resize_rule=SPEC.resize_rule,
+        depth_resize=SPEC.depth_resize, mean=SPEC.mean, std=SPEC.std, num_blocks=sum(cfg.depths), num_heads=heads,
+        tap_blocks=cfg.tap_blocks, has_cls=False, width=cfg.embed_dim, native_grid=(cfg.native_grid, cfg.native_grid),
+        window_sizes=cfg.window_sizes, notes=list(notes),
     )
-    return assemble(lambda: DepthModel(Swin2Encoder(cfg), DPTDecoder(dec), info), state, layout)
+
+
+def network(cfg: Swin2Config, dec: DecoderConfig, info: ModelInfo) -> DepthModel:
+    return DepthModel(Swin2Encoder(cfg), DPTDecoder(dec), info)
+
+
+def architecture(spec: FamilySpec, size: SizeSpec, native: int) -> tuple[Swin2Config, DecoderConfig]:
+    """The configs of a declared size, as build_original reads them from its checkpoint."""
+    cfg = Swin2Config(embed_dim=size.width, depths=size.depth, heads=size.heads, window=size.window,
+                      native_size=native, pretrained_windows=size.pretrained_windows, patch_size=size.patch,
+                      mlp_ratio=size.hidden / size.width)
+    channels = tuple(size.width * 2 ** i for i in range(4))
+    dec = DecoderConfig(in_channels=channels, reassemble_channels=channels, features=size.features,
+                        readout=spec.readout, reassemble=False, head_hidden=size.head_hidden)
+    return cfg, dec
+
+
+def build_swin2(cfg: Swin2Config, dec: DecoderConfig, state: dict, layout: str, notes: list[str]) -> DepthModel:
+    info = model_info(cfg, dec, notes=notes)
+    return assemble(lambda: network(cfg, dec, info), state, layout)
 
 
 def stage_shapes(state: dict, block: str, stage_re: str, layout: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
