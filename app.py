@@ -20,16 +20,19 @@ import gradio as gr
 from dpt_lab import memory
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
-from dpt_lab.ui import attention, depth, export, fusion, norms
+from dpt_lab.ui import attention, depth, export, fusion, mask, norms
 from dpt_lab.ui.base import Context, sid, wire_refreshes
 
-TABS = (depth, attention, norms, fusion, export)     # the page's tabs, in order
+TABS = (depth, attention, norms, fusion, mask, export)    # the page's tabs, in order
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 MAX_FILE_SIZE = "50mb"
 QUEUE_MAX = 32
+JS = "() => {" + attention.PAGE_JS + "}"       # run by the page on load (launch(js=...))
 CSS = """
 .dpt-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}
+.dpt-offscreen {display: none !important;}
+#attention-image img {cursor: crosshair;}
 """
 
 
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     print(f"dpt-lab: {memory.state().line()}", flush=True)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None,
-                max_file_size=MAX_FILE_SIZE, allowed_paths=[str(ASSETS)], css=CSS, show_error=False,
+                max_file_size=MAX_FILE_SIZE, allowed_paths=[str(ASSETS)], css=CSS, js=JS, show_error=False,
                 prevent_thread_lock=True)
     manager.preload()          # after the page is up: the first request waits for it if needed
     demo.block_thread()

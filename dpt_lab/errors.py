@@ -40,3 +40,19 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(exc).__name__
+
+
+def finite_number(value, what: str, error: type = DPTLabError) -> float:
+    """`value` as a finite float, or `error` saying "<what> must be a number" (booleans, None
+    and blank text are not numbers)."""
+    import math
+
+    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+        raise error(f"{what} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise error(f"{what} must be finite, got {value!r}")
+    return v

@@ -27,7 +27,6 @@ encoder passes (tests check it).
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 # the choices offered by the tabs (torch-free: the page is built before torch loads)
 from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
-from .errors import DPTLabError, SessionError  # noqa: F401 - raised by the tabs' functions
+from .errors import DPTLabError, SessionError, finite_number  # noqa: F401 - raised by the tabs' functions
 from .models import RANDOM_MODEL, ModelManager, ProgressFn, build_random_model, untrained_banner  # noqa: F401 - as before
 from .store import DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the store's names, as before
 
@@ -96,6 +95,15 @@ class FusionResult:
     text: str
 
 
+@dataclass
+class MaskResult:
+    preview: np.ndarray             # display size: the image where kept, a checkerboard elsewhere
+    mask: np.ndarray                # display size, uint8 (255 = kept)
+    flat_view: np.ndarray           # display size, the plane-removed depth coloured (equalised with contrast)
+    masked: Any                     # mask.Masked at the image's size (keep, flat, plane)
+    text: str
+
+
 class SessionState(TypedDict):
     """What one browser session keeps between events (gr.State; a plain dict, so it copies
     and serialises as Gradio expects). Small, except the image itself."""
@@ -119,14 +127,7 @@ def new_state() -> SessionState:
 
 
 def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
-        raise SessionError(f"{what} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise SessionError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise SessionError(f"{what} must be finite, got {value!r}")
+    v = finite_number(value, what, SessionError)
     if integer:
         if v != int(v):
             raise SessionError(f"{what} must be a whole number, got {value!r}")
@@ -187,6 +188,16 @@ def _display(rgb: np.ndarray) -> np.ndarray:
 
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+
+
+def _latest(entry: Entry, kind: str, params, make):
+    """`make()` for these params, kept in the entry as the one latest of its kind."""
+    hit = entry.cache.get(kind)
+    if hit is not None and hit[0] == params:
+        return hit[1]
+    value = make()
+    entry.cache[kind] = (params, value)
+    return value
 
 
 class Lab:
@@ -270,6 +281,15 @@ class Lab:
 
         return depth_mod.write_files(result.depth, result.view, folder, f"{state['name']}_depth")
 
+    def depth_downloads(self, session: str, state: Optional[dict], folder, cmap="turbo") -> dict:
+        """The same files for the session's current encode (the page writes them once its
+        view is shown)."""
+        from . import depth as depth_mod
+
+        entry = self.entry(session, state)
+        view = depth_mod.render(entry.depth_image, metric=bool(entry.info.metric), cmap=_cmap(cmap))
+        return self.depth_files(state, DepthResult(state["image"], view, entry.depth_image, ""), folder)
+
     # -- Attention tab -------------------------------------------------------------------
     def display_image(self, state: dict) -> np.ndarray:
         """The image as served for clicking (longest side <= DISPLAY_MAX), cached in state."""
@@ -336,16 +356,28 @@ class Lab:
 
     # -- Block norms tab -----------------------------------------------------------------
     def norms_view(self, session: str, state: Optional[dict], threshold="auto", block=None,
-                   shared_scale=True, k=None) -> NormsResult:
-        """Figures, outlier table and overlay from the session's recorded encode."""
+                   shared_scale=True, k=None, *, light=False) -> NormsResult:
+        """Figures, outlier table and overlay from the session's recorded encode. light: the
+        page's heatmap (norms.mosaic_figure: one trace, ~3x quicker to draw) when one colour
+        scale is shared; the API and the downloads keep one subplot per block."""
         from . import norms
 
         result, out, block = self._norms_outliers(session, state, threshold, block, k)
-        overlay = norms.draw_outliers(self.display_image(state), None, result, out)
+        entry = self.entry(session, state)
+        thr = (out.mode, out.thresholds.tobytes(), out.k)        # what the outliers depend on
+        with self.store.using(entry):      # each view is kept for its controls: switching back costs nothing
+            overlay = _latest(entry, "norms overlay", thr,
+                              lambda: norms.draw_outliers(self.display_image(state), None, result, out))
+            if light and shared_scale:
+                heatmap = _latest(entry, "norms mosaic", thr, lambda: norms.mosaic_figure(result, outliers=out))
+            else:
+                heatmap = _latest(entry, "norms heatmap", (thr, bool(shared_scale)),
+                                  lambda: norms.heatmap_figure(result, shared_scale=bool(shared_scale), outliers=out))
+            stats = _latest(entry, "norms stats", thr, lambda: norms.stats_figure(result, out))
+            histogram = _latest(entry, "norms histogram", (thr, block),
+                                lambda: norms.histogram_figure(result, block, out))
         return NormsResult(
-            heatmap=norms.heatmap_figure(result, shared_scale=bool(shared_scale), outliers=out),
-            stats=norms.stats_figure(result, out),
-            histogram=norms.histogram_figure(result, block, out),
+            heatmap=heatmap, stats=stats, histogram=histogram,
             table=out.table(limit=TABLE_LIMIT), headers=tuple(norms.Outliers.HEADERS), overlay=overlay,
             summary=norms.summary(result, out), result=result, outliers=out, block=block)
 
@@ -420,8 +452,11 @@ class Lab:
             np.full(diff.shape + (3,), 128, dtype=np.uint8)
         text = (f"factors {', '.join(f'{s:g}' for s in scales)} · decoder only: {dt * 1000:.0f} ms "
                 f"(encode was {entry.encode_s * 1000:.0f} ms) · max |difference| {m:.4g}")
-        return FusionResult(depth_mod.render(scaled, metric=metric, cmap=cmap),
-                            depth_mod.render(entry.depth_image, metric=metric, cmap=cmap),
+        with self.store.using(entry):      # the unscaled view is the same for every factor: rendered once
+            unscaled = entry.cached(("unscaled view", cmap),
+                                    lambda: depth_mod.render(entry.depth_image, metric=metric, cmap=cmap))
+        identity = tuple(scales) == FUSION_IDENTITY
+        return FusionResult(unscaled if identity else depth_mod.render(scaled, metric=metric, cmap=cmap), unscaled,
                             diff_img, scaled, tuple(scales), text)
 
     @staticmethod
@@ -444,6 +479,46 @@ class Lab:
         view = self.fusion_view(session, state, scales, cmap)
         tag = "_".join(f"{s:g}" for s in view.scales)
         return depth_mod.write_files(view.depth, view.scaled, folder, f"{state['name']}_fusion_{tag}")
+
+    # -- Mask tab ------------------------------------------------------------------------
+    def mask_view(self, session: str, state: Optional[dict], low=0.3, high=1.0, invert=False, strength=0.0,
+                  contrast=False, cmap="turbo") -> MaskResult:
+        """Mask the session's cached depth by a range (relative models: on the normalised
+        inverse depth, 1 = nearest; metric: metres), after removing strength x its robust
+        plane; no re-encode. The plane is fitted once per encode, the plane-removed depth
+        kept for the latest strength."""
+        from . import imaging, scene
+        from . import mask as mask_mod
+
+        cmap = _cmap(cmap)
+        entry = self.entry(session, state)
+        metric = bool(entry.info.metric)
+        s = scene.number(strength, "plane strength")
+        with self.store.using(entry):
+            plane = entry.cached("plane", lambda: scene.fit_plane(entry.depth_image)) if s else None
+            flat = _latest(entry, "plane removed", s, lambda: scene.remove_plane(entry.depth_image, s, plane))
+        masked = mask_mod.mask_depth(entry.depth_image, low, high, invert=bool(invert), strength=s,
+                                     metric=metric, plane=plane, flat=flat)
+        shown = self.display_image(state)
+        keep = mask_mod.shrink(masked.keep, shown.shape[:2])
+        flat_small = mask_mod.shrink(flat, shown.shape[:2])
+        values = scene.equalise(flat_small) if contrast else flat_small
+        plane_text = (f"plane a={plane[0]:.3g}/px, b={plane[1]:.3g}/px, c={plane[2]:.4g} removed x {s:g}"
+                      if plane is not None else "no plane removed")
+        text = (f"kept {masked.kept_share:.1%} of the pixels · {mask_mod.range_label(metric)} "
+                f"{scene.number(low, 'range low'):g}..{scene.number(high, 'range high'):g}"
+                f"{' (inverted)' if invert else ''} · {plane_text}{' · contrast: equalised' if contrast else ''}")
+        return MaskResult(mask_mod.preview(shown, keep), np.where(keep, 255, 0).astype(np.uint8),
+                          imaging.colorize(values, cmap), masked, text)
+
+    def mask_files(self, session: str, state: Optional[dict], folder, low=0.3, high=1.0, invert=False,
+                   strength=0.0) -> dict:
+        """cutout (RGBA PNG at the image's size), mask PNG, the plane-removed depth as a
+        16-bit PNG and .npy, in `folder`."""
+        from . import mask as mask_mod
+
+        view = self.mask_view(session, state, low, high, invert, strength)
+        return mask_mod.write_files(state["image"], view.masked, folder, f"{state['name']}_mask")
 
     # -- Export tab ----------------------------------------------------------------------
     def export_model(self, model_name, folder, *, dynamic=True, fp16=False, with_preprocessing=False,

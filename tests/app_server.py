@@ -107,7 +107,8 @@ def launch(tmp: Path, *, checkpoints: Iterable[str] = ("depth_anything_v2_vits",
         demo.queue(max_size=queue_max, default_concurrency_limit=1)
         _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                 quiet=True, ssr_mode=False, max_file_size=app_module.MAX_FILE_SIZE,
-                                allowed_paths=[str(app_module.ASSETS)], css=app_module.CSS, show_error=False)
+                                allowed_paths=[str(app_module.ASSETS)], css=app_module.CSS, js=app_module.JS,
+                                show_error=False)
     except BaseException:
         for k, v in saved.items():
             if v is None:

@@ -55,7 +55,7 @@ def test_startup_pick_and_endpoints(served):
     client, _, lab, model, _ = served
     assert model == "depth-anything-v2-small" and not lab.manager.untrained
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/depth", "/attention", "/norms", "/fusion", "/export"):
+    for name in ("/depth", "/attention", "/norms", "/fusion", "/mask", "/export"):
         assert name in api
     params = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in api}
     assert params["/depth"] == ["image", "model", "base_size", "keep_aspect", "colormap"]
@@ -148,6 +148,28 @@ def test_fusion_changes_depth_and_identity_gives_it_back(served, depth_result):
     assert lab.store.encodes == encodes                                   # sliders never re-encode
 
 
+def test_mask_cuts_out_the_depth_range_without_re_encoding(served, depth_result):
+    from dpt_lab import scene
+
+    client, _, lab, _, _ = served
+    encodes = lab.store.encodes
+    npy = next(f for f in depth_result[3] if f.endswith(".npy"))
+    depth = np.load(npy)                                   # the session's depth, as /depth wrote it
+    cutout, mask_png = client.predict(0.4, 1.0, False, 1.0, api_name="/mask")
+    with Image.open(cutout) as im, Image.open(mask_png) as m:
+        assert im.mode == "RGBA" and im.size == (451, 300)
+        alpha, kept = np.asarray(im)[..., 3], np.asarray(m) == 255
+    np.testing.assert_array_equal(alpha == 255, kept)
+    np.testing.assert_array_equal(np.asarray(Image.open(cutout))[..., :3], rgb(ASSET))
+    want = scene.depth_mask(scene.remove_plane(depth, 1.0), 0.4, 1.0)
+    np.testing.assert_array_equal(kept, want)
+    _, inverted = client.predict(0.4, 1.0, True, 1.0, api_name="/mask")
+    np.testing.assert_array_equal(np.asarray(Image.open(inverted)) == 255, ~want)
+    assert lab.store.encodes == encodes                    # every control works on the cached depth
+    with pytest.raises(Exception, match="above range high"):
+        client.predict(0.9, 0.1, False, 0, api_name="/mask")
+
+
 def test_requests_hand_freed_memory_back(served, depth_result):
     """The served app runs with the tuned allocator (app.build_app) and trims after every
     request (dpt_lab.memory; the server here is this process)."""
@@ -192,6 +214,8 @@ def test_export_downloads_a_file_onnxruntime_runs(served):
 
 
 def test_app_without_weights_or_internet_shows_the_untrained_banner(tmp_path):
+    import app as app_module
+
     port = free_port()
     weights = tmp_path / "empty_weights"
     weights.mkdir()
@@ -218,7 +242,7 @@ def test_app_without_weights_or_internet_shows_the_untrained_banner(tmp_path):
         assert config is not None, "the app did not answer within 180 s"
         texts = [c.get("props", {}).get("value") for c in config["components"]]
         banners = [t for t in texts if isinstance(t, str) and "Untrained model" in t]
-        assert len(banners) == 5                                  # one per tab
+        assert len(banners) == len(app_module.TABS)                # one per tab
         assert "random weights" in banners[0] and "mean nothing" in banners[0]
         assert "depth_anything_v2_vits.pth" in banners[0]         # how to get real weights
         dropdowns = [c["props"] for c in config["components"] if c.get("type") == "dropdown"

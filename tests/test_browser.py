@@ -41,6 +41,16 @@ def img_pixels(page, selector: str, index: int = 0) -> np.ndarray:
     return png(resp.body())
 
 
+def assert_shown(shown: np.ndarray, want: np.ndarray) -> None:
+    """The page's images are JPEGs (quality 92, no chroma subsampling): the pixels the app
+    rendered, within JPEG's error; the API and the downloads keep them lossless. The random
+    model's depth is pixel noise, JPEG's worst case (mean error ~2.4); another picture, colour
+    map or crop differs by tens."""
+    assert shown.shape == want.shape, (shown.shape, want.shape)
+    err = np.abs(shown.astype(np.int16) - want.astype(np.int16))
+    assert err.mean() < 4.0 and np.percentile(err, 99) < 32, (err.mean(), np.percentile(err, 99))
+
+
 def src_of(page, selector: str, index: int = 0) -> str:
     return page.locator(f"{selector} img").nth(index).get_attribute("src")
 
@@ -58,9 +68,12 @@ def wait_text(page, selector: str, needle: str, timeout_ms: int = TIMEOUT_MS) ->
 
 
 def shot(page, name: str) -> Path:
+    """Save the tab's screenshot; the page must show no error message (Gradio's toasts)."""
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.png"
     page.screenshot(path=str(path))
+    toasts = page.locator(".toast-body").all_inner_texts()
+    assert not toasts, toasts
     return path
 
 
@@ -104,11 +117,11 @@ def test_depth_tab_shows_the_depth_of_the_example(browser_page):
     shown_input = img_pixels(page, "#depth-output", 0)
     shown_depth = img_pixels(page, "#depth-output", 1)
     with Image.open(ASSET) as im:
-        assert np.array_equal(shown_input, np.asarray(im.convert("RGB")))
+        assert_shown(shown_input, np.asarray(im.convert("RGB")))
     model = server.manager.get(server.model)
     want = depth_mod.render(model.predict(str(ASSET), base_size=BASE), metric=False, cmap="turbo").colored
     assert shown_depth.shape == (300, 451, 3)
-    assert np.array_equal(shown_depth, want)          # the example's own depth, as the app computes it
+    assert_shown(shown_depth, want)                   # the example's own depth, as the app computes it
     assert page.locator("#depth-colorbar img").count() == 1
     shot(page, "depth")
     assert not errors, errors
@@ -155,12 +168,12 @@ def test_attention_clicks_mark_the_patch_under_the_pointer(browser_page):
         assert attention.patch_at_pixel(entry.meta, grid, px, py) == (want_row, want_col)
         assert "layer 12/12" in text
         marked = img_pixels(page, "#attention-image")
-        assert np.array_equal(marked, attention.mark_patch(state["image"], None, grid, want_row, want_col))
+        assert_shown(marked, attention.mark_patch(state["image"], None, grid, want_row, want_col))
         tiles = img_pixels(page, "#attention-tiles")
         ref = lab.attention_at(browser_session(server), dict(state), x_img, y_img, 12, "row", False, False,
                                "inferno", 0.0, False)
         assert ref.patch == (want_row, want_col)
-        assert np.array_equal(tiles, ref.tiles)
+        assert_shown(tiles, ref.tiles)
         seen_tiles.append(tiles)
     assert not np.array_equal(seen_tiles[0], seen_tiles[1])       # the tile grid changed with the click
     shot(page, "attention")
@@ -181,9 +194,25 @@ def session_state(server) -> dict:
 def test_norms_figure_renders_and_outlier_table_fills(browser_page):
     page, server, errors = browser_page
     page.get_by_role("tab", name="Block norms").click()
-    # the Plotly figure is drawn in the page: an SVG with one heatmap per block
+    # the Plotly figure is drawn in the page: one heatmap (the page's mosaic), a title per block
     page.wait_for_selector("#norms-heatmap .js-plotly-plot svg.main-svg")
-    page.wait_for_function("() => document.querySelectorAll('#norms-heatmap g.hm').length == 12")
+    page.wait_for_function("() => document.querySelectorAll('#norms-heatmap g.hm').length == 1 && "
+                           "[...document.querySelectorAll('#norms-heatmap .annotation-text')]"
+                           ".filter(e => e.textContent.startsWith('block ')).length == 12")
+    # hovering a cell of block 12 names that block's token
+    (entry,) = server.lab.store.entries(browser_session(server))
+    fig = server.lab.norms_view(browser_session(server), session_state(server), "auto", 12, True, light=True).heatmap
+    where = np.asarray(fig.data[0].customdata)
+    y, x = (int(v[0]) for v in np.nonzero((where == (12, 4, 7)).all(axis=-1)))
+    px, py = page.evaluate("""([x, y]) => { const gd = document.querySelector('#norms-heatmap .js-plotly-plot');
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
+        return [box.left + xa._offset + xa.d2p(x), box.top + ya._offset + ya.d2p(y)]; }""", [x, y])
+    page.mouse.move(px, py)
+    page.wait_for_function("() => (document.querySelector('#norms-heatmap .hoverlayer') || {}).textContent"
+                           "?.includes('row 4, col 7')")
+    label = page.locator("#norms-heatmap .hoverlayer").text_content()
+    assert "block 12" in label and f"norm {entry.norms().patch_norms[11][4, 7]:.4g}" in label, label
+    page.mouse.move(5, 5)
     summary = page.locator("#norms-summary textarea")
     page.wait_for_function("() => document.querySelector('#norms-summary textarea').value.startsWith('12 blocks')")
     assert "grid 19x29" in summary.input_value()
@@ -234,12 +263,108 @@ def test_fusion_slider_drag_changes_depth_and_reset_restores_it(browser_page):
     assert src_of(page, "#fusion-scaled") != before
     assert scaled.shape == original.shape and not np.array_equal(scaled, original)
     ref = server.lab.fusion_view(browser_session(server), session_state(server), (1, 1, 1, value), "turbo")
-    assert np.array_equal(scaled, ref.scaled.colored)
+    assert_shown(scaled, ref.scaled.colored)
     shot(page, "fusion")
     page.locator("#fusion-reset").click()
     wait_text(page, "#fusion-info", "factors 1, 1, 1, 1 ")
     assert float(slider.evaluate("e => e.value")) == 1.0
-    assert np.array_equal(img_pixels(page, "#fusion-scaled"), original)
+    assert_shown(img_pixels(page, "#fusion-scaled"), original)
+    assert not errors, errors
+
+
+def settled_text(page, selector: str, needle: str, quiet_ms: int = 1500, timeout_ms: int = 30_000) -> str:
+    """The element's text once it holds `needle` and then stays the same for quiet_ms."""
+    wait_text(page, selector, needle, timeout_ms)
+    while True:
+        before = page.locator(selector).inner_text()
+        page.wait_for_timeout(quiet_ms)
+        after = page.locator(selector).inner_text()
+        if after == before:
+            return after
+
+
+def test_a_slider_dragged_through_ten_positions_ends_on_the_last(browser_page):
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Fusion scaling").click()
+    slider = page.locator("#fusion-scale-3 input[type=range]")
+    values = [round(0.9 - 0.35 * i, 2) for i in range(10)]          # 0.9 .. -2.25, without waiting
+    for v in values:
+        slider.fill(f"{v:g}")
+    last = values[-1]
+    text = settled_text(page, "#fusion-info", f"factors 1, 1, {last:g}, 1 ")
+    assert f"factors 1, 1, {last:g}, 1 " in text
+    ref = server.lab.fusion_view(browser_session(server), session_state(server), (1, 1, last, 1), "turbo")
+    assert_shown(img_pixels(page, "#fusion-scaled"), ref.scaled.colored)
+    page.locator("#fusion-reset").click()
+    wait_text(page, "#fusion-info", "factors 1, 1, 1, 1 ")
+    assert not errors, errors
+
+
+def test_a_burst_of_clicks_ends_on_the_last_clicks_tiles(browser_page):
+    from dpt_lab import attention
+
+    page, server, errors = browser_page
+    lab = server.lab
+    page.get_by_role("tab", name="Attention").click()
+    wait_text(page, "#attention-info", "patch row")
+    img = page.locator("#attention-image img")
+    # the tab's image is mounted afresh: click only once it is decoded and its box has settled
+    page.wait_for_function("() => { const e = document.querySelector('#attention-image img'); "
+                           "return e && e.complete && e.naturalWidth > 0; }")
+    box = None
+    while box != (box := img.bounding_box()):
+        page.wait_for_timeout(100)
+    (entry,) = lab.store.entries(browser_session(server))
+    grid = entry.probe.grid(11)
+    points = [(0.1 + 0.1 * i, 0.85 - 0.09 * i) for i in range(8)]     # fractions of the shown image
+    for fx, fy in points:
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+    fx, fy = points[-1]
+    px, py = fx * 451 - 0.5, fy * 300 - 0.5                           # the last click, in image pixels
+    row, col = attention.patch_at_pixel(entry.meta, grid, px, py)
+    try:
+        text = settled_text(page, "#attention-info", f"patch row {row}, col {col}")
+    except Exception as exc:  # noqa: BLE001 - say what the page shows instead
+        raise AssertionError(f"wanted patch row {row}, col {col}; the page shows "
+                             f"{page.locator('#attention-info').inner_text()!r}, last click noted "
+                             f"{page.evaluate('window.dptLabClick')!r}, clicks {points}, box {box}") from exc
+    assert f"patch row {row}, col {col}" in text
+    ref = lab.attention_at(browser_session(server), session_state(server), px, py, 12, "row", False, False,
+                           "inferno", 0.0, False)
+    assert_shown(img_pixels(page, "#attention-tiles"), ref.tiles)
+    assert not errors, errors
+
+
+def test_mask_range_changes_the_preview_and_the_cutout_has_the_image_size(browser_page, tmp_path):
+    from dpt_lab import mask as mask_mod
+    from dpt_lab import scene
+
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Mask by depth").click()
+    wait_text(page, "#mask-info", "kept ")
+    assert "normalised inverse depth" in page.locator("#mask-units").inner_text()
+    before_src = src_of(page, "#mask-preview")
+    before = img_pixels(page, "#mask-preview")
+    page.locator("#mask-low input[type=range]").fill("0.6")
+    wait_text(page, "#mask-info", "0.6..1")
+    src = wait_src_change(page, "#mask-preview", before_src)
+    after = img_pixels(page, "#mask-preview")
+    assert src != before_src and after.shape == before.shape == (300, 451, 3)
+    depth = server.lab.entry(browser_session(server), session_state(server)).depth_image
+    keep = scene.depth_mask(depth, 0.6, 1.0)
+    checker = mask_mod.preview(np.asarray(Image.open(ASSET).convert("RGB")), keep)
+    assert_shown(after, checker)                          # the image where kept, the checkerboard elsewhere
+    page.locator("#mask-run").click()
+    link = page.locator("#mask-cutout a")
+    link.wait_for()
+    with page.expect_download() as info:
+        link.first.click()
+    path = tmp_path / "cutout.png"
+    info.value.save_as(path)
+    with Image.open(path) as im:
+        assert im.mode == "RGBA" and im.size == (451, 300)
+        np.testing.assert_array_equal(np.asarray(im)[..., 3] == 255, keep)
+    shot(page, "mask")
     assert not errors, errors
 
 

@@ -188,6 +188,50 @@ def test_heatmap_figure_one_heatmap_per_block_with_titles(shared):
     assert sorted((int(y), int(x)) for t in marks for x, y in zip(t.x, t.y)) == sorted((r, c) for _, r, c in PLANTED)
 
 
+def decoded(trace_array) -> np.ndarray:
+    """A figure array as the browser gets it: plotly sends numpy arrays as base64 typed arrays."""
+    import base64
+
+    if isinstance(trace_array, dict):
+        shape = tuple(int(v) for v in str(trace_array["shape"]).split(","))
+        return np.frombuffer(base64.b64decode(trace_array["bdata"]), dtype=trace_array["dtype"]).reshape(shape)
+    return np.asarray(trace_array)
+
+
+@pytest.mark.parametrize("grids", [[(37, 37)] * 3, [(12, 16), (6, 8), (3, 4), (3, 4)]],
+                         ids=["vit", "swin-stages"])
+def test_mosaic_figure_tiles_every_block_into_one_heatmap(grids):
+    rng = np.random.default_rng(4)
+    patch = [rng.uniform(1, 50, g).astype(np.float32) for g in grids]
+    patch[-1][1, 2] = 900.0
+    result = BlockNorms(patch, None, grids, False, (grids[0][0] * 14, grids[0][1] * 14))
+    out = norms.find_outliers(result)
+    fig = json.loads(norms.mosaic_figure(result, outliers=out).to_json())     # what the page receives
+    (heat,) = [t for t in fig["data"] if t["type"] == "heatmap"]
+    z, where = decoded(heat["z"]).astype(np.float64), decoded(heat["customdata"]).astype(int)
+    for b, a in enumerate(patch):       # every token once, at the cell whose customdata names it
+        cells = where[..., 0] == b + 1
+        assert cells.sum() == a.size
+        rows, cols = where[cells][:, 1], where[cells][:, 2]
+        np.testing.assert_allclose(z[cells], a[rows, cols], rtol=1e-6)
+    assert np.isnan(z[where[..., 0] == 0]).all()            # the gutters are gaps
+    for w in ("block %{customdata[0]}", "row %{customdata[1]}, col %{customdata[2]}", "norm %{z"):
+        assert w in heat["hovertemplate"]
+    titles = [a["text"] for a in fig["layout"]["annotations"] if a["text"].startswith("block ")]
+    assert [int(TITLE.match(t).group(1)) for t in titles] == list(range(1, len(grids) + 1))
+    (marks,) = [t for t in fig["data"] if t["type"] == "scatter"]   # each outlier on its own cell
+    for x, y, (blk, row, col, _norm) in zip(marks["x"], marks["y"], marks["customdata"]):
+        assert tuple(where[int(y), int(x)]) == (blk, row, col)
+    assert (len(grids), 1, 2) in {tuple(c[:3]) for c in marks["customdata"]}
+
+
+def test_mosaic_json_of_vit_l_at_518_stays_under_a_megabyte():
+    rng = np.random.default_rng(0)
+    patch = [rng.lognormal(3, 0.6, (37, 56)).astype(np.float32) for _ in range(24)]
+    result = BlockNorms(patch, [30.0] * 24, [(37, 56)] * 24, True, (518, 784))
+    assert len(norms.mosaic_figure(result, outliers=norms.find_outliers(result)).to_json()) < 1_000_000
+
+
 def test_heatmap_json_of_vit_l_at_518_is_small():
     """24 blocks of 37 x 37 (ViT-L at 518), heavy-tailed norms: the serialized figure < 5 MB."""
     rng = np.random.default_rng(0)

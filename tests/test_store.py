@@ -50,10 +50,16 @@ def live_bytes(roots) -> int:
                 buffers.add(st.data_ptr())
                 total += st.nbytes()
             continue
-        if isinstance(o, np.ndarray) and o.base is None:
-            if o.ctypes.data not in buffers:
-                buffers.add(o.ctypes.data)
-                total += o.nbytes
+        if isinstance(o, np.ndarray):
+            # a view keeps its base alive (gc does not list it as a referent); the buffer is the
+            # outermost array's, whether it owns it or wraps bytes (PIL's np.asarray does)
+            root = o
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            if root.ctypes.data not in buffers:
+                buffers.add(root.ctypes.data)
+                total += root.nbytes
+            continue
         stack.extend(gc.get_referents(o))
     return total
 

@@ -7,9 +7,35 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
-from .base import MODEL_EVENT, Context, Tab, has_image, mark_rendered, sid, skips, user_error, user_errors
+from .base import MODEL_EVENT, Context, Tab, has_image, mark_rendered, page_image, sid, skips, user_error, user_errors
 
 ID, TITLE = "attention", "Attention"
+
+# Run by the page on load (app.py passes it to launch). A click on the image is taken at
+# pointerdown, in the capture phase: the pixel of the served image under the pointer, computed
+# as Gradio's image computes a select event's index (object-fit contain, never scaled above 1,
+# rounded), written into the hidden #attention-clicked textbox with a count (so that a second
+# click on the same pixel is still a change). Gradio's own select event is not used: it fires
+# on "click", which the browser drops when the <img> is swapped for the next marked one
+# between the press and the release (a burst of clicks lost its last one that way), and a
+# deferred select re-runs with its first event's data.
+PAGE_JS = """
+document.addEventListener("pointerdown", (ev) => {
+  if (ev.button !== 0) return;
+  const box = ev.target instanceof Element ? ev.target.closest("#attention-image") : null;
+  const img = box ? box.querySelector("img") : null;
+  const field = document.querySelector("#attention-clicked textarea, #attention-clicked input");
+  if (!img || !img.naturalWidth || !field) return;
+  const r = img.getBoundingClientRect();
+  const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight, 1);
+  const ox = (r.width - img.naturalWidth * s) / 2, oy = (r.height - img.naturalHeight * s) / 2;
+  const x = Math.round((ev.clientX - r.left - ox) / s), y = Math.round((ev.clientY - r.top - oy) / s);
+  if (x < 0 || y < 0 || x >= img.naturalWidth || y >= img.naturalHeight) return;
+  window.dptLabClicks = (window.dptLabClicks || 0) + 1;
+  field.value = `${x},${y},${window.dptLabClicks}`;
+  field.dispatchEvent(new Event("input", {bubbles: true}));
+}, true);
+"""
 
 
 def build(ctx: Context) -> Tab:
@@ -40,12 +66,14 @@ def build(ctx: Context) -> Tab:
             attn_md = gr.Markdown(label="Attention info", elem_id="attention-info")
     outputs = [tiles, attn_image, attn_md, ax, ay, ctx.state]
 
-    def render(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v, request):
+    def render(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v, request, page=True):
+        """page: JPEGs for the page (clicks, controls, the tab's refresh); the API keeps PNGs."""
         r = lab.attention_at(sid(request), st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v)
         mark_rendered(st, ID, lab)
         click = st.get("click")
         cx, cy = click if isinstance(click, tuple) else (None, None)
-        return r.tiles, r.marked, r.text, cx, cy, st
+        show = page_image if page else (lambda a: a)
+        return show(r.tiles), show(r.marked), r.text, cx, cy, st
 
     @user_errors
     def do_attention(x, y, layer, mode, log_contrast, shared_scale, colormap, alpha, cls_token, st,
@@ -53,13 +81,17 @@ def build(ctx: Context) -> Tab:
         """x, y: pixel of the original image (column, row); layer 1..L; mode row | column."""
         if (x is None or y is None) and not cls_token:
             raise user_error("give the x and y of a pixel (or click the image)")
-        return render(st, x, y, layer, mode, log_contrast, shared_scale, colormap, alpha, cls_token, request)
+        return render(st, x, y, layer, mode, log_contrast, shared_scale, colormap, alpha, cls_token, request,
+                      page=False)
 
     @user_errors
-    def do_click(layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, st, evt: gr.SelectData, request: gr.Request):
+    def do_click(clicked_v, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, st, request: gr.Request):
+        if not clicked_v:
+            return skips(len(outputs))
         if not has_image(st):
             raise user_error("no image yet: run the Depth tab on an image first")
-        x, y = lab.display_to_image(st, *evt.index[:2])
+        dx, dy, _ = (float(v) for v in clicked_v.split(","))
+        x, y = lab.display_to_image(st, dx, dy)
         return render(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, False, request)
 
     @user_errors
@@ -71,7 +103,14 @@ def build(ctx: Context) -> Tab:
     controls = [layer, mode, log_c, shared, acmap, alpha]
     attn_btn.click(do_attention, [ax, ay, *controls, cls_cb, ctx.state], outputs, api_name="attention",
                    preprocess=False, **MODEL_EVENT)
-    attn_image.select(do_click, [*controls, ctx.state], outputs, api_visibility="private", **MODEL_EVENT)
+    # A burst of clicks must end on the last click's tiles: the page script (PAGE_JS) writes each
+    # click into this hidden value, and its .change renders, always_last (a deferred run reads
+    # the components afresh, so it is the latest click). Hidden by CSS, not visible=False, so
+    # that its field is in the page for the script.
+    clicked = gr.Textbox("", show_label=False, container=False, elem_id="attention-clicked",
+                         elem_classes=["dpt-offscreen"])
+    clicked.change(do_click, [clicked, *controls, ctx.state], outputs, api_visibility="private",
+                   trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
     gr.on([layer.change, mode.change, log_c.change, shared.change, acmap.change, alpha.release, cls_cb.change],
           do_controls, [*controls, cls_cb, ctx.state], outputs, api_visibility="private",
           trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)

@@ -10,7 +10,7 @@ import gradio as gr
 
 from .. import session as S
 from ..errors import DPTLabError, one_line
-from .base import MODEL_EVENT, Context, Tab, out_dir, progress_fn, sid, skips, uploaded, user_errors
+from .base import MODEL_EVENT, Context, Tab, has_image, out_dir, page_image, progress_fn, sid, skips, uploaded, user_errors
 
 ID, TITLE = "depth", "Depth"
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -26,8 +26,8 @@ def build(ctx: Context) -> Tab:
                                 sources=["upload", "webcam", "clipboard"], elem_id="depth-input")
             cmap = gr.Dropdown(list(S.COLORMAPS), value="turbo", label="Colormap")
             run_btn = gr.Button("Estimate depth", variant="primary", elem_id="depth-run")
-            if examples:
-                gr.Examples(examples, inputs=[image_in], label="Examples (assets/)", elem_id="depth-examples")
+            picked = gr.Examples(examples, inputs=[image_in], label="Examples (assets/)",
+                                 elem_id="depth-examples") if examples else None
         with gr.Column(scale=2):
             before_after = gr.ImageSlider(label="Image | depth", type="numpy", format="png",
                                           interactive=False, elem_id="depth-output")
@@ -37,27 +37,57 @@ def build(ctx: Context) -> Tab:
             depth_files = gr.File(label="Downloads: 16-bit PNG (min/max in its text chunks), "
                                         "float32 .npy, coloured PNG", file_count="multiple")
 
+    def encode_and_render(image, model, base_size, keep_aspect, colormap, st, request, progress):
+        return lab.depth_view(sid(request), st, uploaded(image), model, base_size, keep_aspect, colormap,
+                              progress=progress_fn(progress))
+
     @user_errors
     def do_depth(image, model, base_size, keep_aspect, colormap, st, request: gr.Request,
                  progress=gr.Progress()):
-        image = uploaded(image)
-        st, res = lab.depth_view(sid(request), st, image, model, base_size, keep_aspect, colormap,
-                                 progress=progress_fn(progress))
+        st, res = encode_and_render(image, model, base_size, keep_aspect, colormap, st, request, progress)
         files = lab.depth_files(st, res, out_dir("depth"))
         return st, (res.image, res.view.colored), res.view.colorbar, res.text, [str(p) for p in files.values()]
 
-    def do_depth_auto(image, model, base_size, keep_aspect, colormap, st, request: gr.Request,
-                      progress=gr.Progress()):
-        if image is None:
-            return skips(5)
-        return do_depth(image, model, base_size, keep_aspect, colormap, st, request, progress)
+    @user_errors
+    def show_depth(image, model, base_size, keep_aspect, colormap, st, request: gr.Request,
+                   progress=gr.Progress()):
+        """The page's path: the view first (JPEGs for the page), the downloads after it."""
+        st, res = encode_and_render(image, model, base_size, keep_aspect, colormap, st, request, progress)
+        return (st, (page_image(res.image), page_image(res.view.colored)), page_image(res.view.colorbar), res.text,
+                None)
 
-    depth_io = dict(inputs=[image_in, ctx.model, ctx.base, ctx.aspect, cmap, ctx.state],
-                    outputs=[ctx.state, before_after, colorbar, depth_md, depth_files], preprocess=False,
-                    **MODEL_EVENT)
-    ev_depth = run_btn.click(do_depth, api_name="depth", **depth_io)
-    ev_auto = gr.on([image_in.change, cmap.change, ctx.base.release, ctx.aspect.change], do_depth_auto,
-                    api_visibility="private", trigger_mode="always_last", **depth_io)
+    def show_depth_auto(image, model, base_size, keep_aspect, colormap, st, request: gr.Request,
+                        progress=gr.Progress()):
+        if image is None:             # the picture was cleared, or a control moved before any upload
+            return skips(5)
+        return show_depth(image, model, base_size, keep_aspect, colormap, st, request, progress)
+
+    @user_errors
+    def write_downloads(colormap, st, request: gr.Request):
+        if not has_image(st):         # the view was skipped (a control moved before any picture)
+            return gr.skip()
+        files = lab.depth_downloads(sid(request), st, out_dir("depth"), colormap)
+        return [str(p) for p in files.values()]
+
+    inputs = [image_in, ctx.model, ctx.base, ctx.aspect, cmap, ctx.state]
+    outputs = [ctx.state, before_after, colorbar, depth_md, depth_files]
+    api_btn = gr.Button(visible=False)          # /depth for scripts: everything in one answer, lossless PNGs
+    ev_api = api_btn.click(do_depth, inputs, outputs, api_name="depth", preprocess=False, **MODEL_EVENT)
+    # show_progress="minimal": Gradio's full progress overlay animates while the encode runs, and on a
+    # 2-core machine the browser's drawing of it took ~15% from the model (bench/ui_latency.py)
+    page_io = dict(inputs=inputs, outputs=outputs, preprocess=False, api_visibility="private",
+                   show_progress="minimal", **MODEL_EVENT)
+    ev_run = run_btn.click(show_depth, **page_io)
+    # image_in.input, not .change: Gradio fires .change twice when a picture replaces another, and the
+    # second run would encode (or wait for the encode) and send the whole view again
+    ev_auto = gr.on([image_in.input, cmap.change, ctx.base.release, ctx.aspect.change], show_depth_auto,
+                    trigger_mode="always_last", **page_io)
+    page_events = [ev_run, ev_auto]
+    if picked is not None:        # an example sets the picture from the server: no .input
+        page_events.append(picked.load_input_event.then(show_depth_auto, **page_io))
+    downloads = dict(inputs=[cmap, ctx.state], outputs=[depth_files], api_visibility="private")
+    for ev in page_events:
+        ev.success(write_downloads, **downloads)
 
     @user_errors
     def do_model(model, st, progress=gr.Progress()):
@@ -79,8 +109,10 @@ def build(ctx: Context) -> Tab:
         ev_model = ctx.model.change(do_model, [ctx.model, ctx.state],
                                     [*ctx.banners, ctx.model_info, ctx.base, ctx.model, ctx.state],
                                     api_visibility="private", **MODEL_EVENT)
-        ctx.encodes.append(ev_model.success(do_depth_auto, api_visibility="private", **depth_io))
+        shown = ev_model.success(show_depth_auto, **page_io)
+        shown.success(write_downloads, **downloads)
+        ctx.encodes.append(shown)
 
     ctx.later(wire_model)
-    ctx.encodes += [ev_depth, ev_auto]
+    ctx.encodes += [ev_api, *page_events]
     return Tab()

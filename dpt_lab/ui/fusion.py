@@ -6,9 +6,10 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
-from .base import MODEL_EVENT, Context, Tab, mark_rendered, out_dir, sid, user_errors
+from .base import MODEL_EVENT, Context, Tab, mark_rendered, out_dir, page_image, sid, user_errors
 
 ID, TITLE = "fusion", "Fusion scaling"
+UNSCALED = "fusion-unscaled"      # SessionState.rendered key: the unscaled depth on screen (encode, colormap)
 
 
 def build(ctx: Context) -> Tab:
@@ -42,16 +43,31 @@ def build(ctx: Context) -> Tab:
         return r.scaled.colored, r.unscaled.colored, r.difference, r.text, st
 
     @user_errors
+    def show_fusion(scale_1, scale_2, scale_3, scale_4, colormap, st, request: gr.Request):
+        """The page's path: JPEGs, and the unscaled depth only when it is not on screen yet
+        (it is the same for every slider position)."""
+        r = lab.fusion_view(sid(request), st, (scale_1, scale_2, scale_3, scale_4), colormap)
+        mark_rendered(st, ID, lab)
+        unscaled_key = (lab.entry_key(st), r.unscaled.cmap)
+        unchanged = st["rendered"].get(UNSCALED) == unscaled_key
+        st["rendered"][UNSCALED] = unscaled_key
+        return (page_image(r.scaled.colored), gr.skip() if unchanged else page_image(r.unscaled.colored),
+                page_image(r.difference), r.text, st)
+
+    @user_errors
     def do_files(scale_1, scale_2, scale_3, scale_4, colormap, st, request: gr.Request):
         files = lab.fusion_files(sid(request), st, out_dir("fusion"), (scale_1, scale_2, scale_3, scale_4),
                                  colormap)
         return [str(p) for p in files.values()]
 
-    gr.on([s.change for s in scales] + [fcmap.change], do_fusion, [*scales, fcmap, ctx.state], outputs,
-          api_name="fusion", preprocess=False, trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
+    api_btn = gr.Button(visible=False)          # /fusion for scripts: every image, lossless PNGs
+    api_btn.click(do_fusion, [*scales, fcmap, ctx.state], outputs, api_name="fusion", preprocess=False, **MODEL_EVENT)
+    gr.on([s.change for s in scales] + [fcmap.change], show_fusion, [*scales, fcmap, ctx.state], outputs,
+          api_visibility="private", preprocess=False, trigger_mode="always_last", show_progress="hidden",
+          **MODEL_EVENT)
     ffiles_btn.click(do_files, [*scales, fcmap, ctx.state], [ffiles], api_name="fusion_files", preprocess=False,
                      **MODEL_EVENT)
     preset.input(user_errors(lab.fusion_preset), [preset], scales, api_visibility="private", queue=False)
     glitch.click(lambda: lab.fusion_glitch(), None, scales, api_visibility="private", queue=False)
     reset.click(lambda: lab.fusion_preset("reset"), None, scales, api_visibility="private", queue=False)
-    return Tab(refresh=do_fusion, inputs=[*scales, fcmap], outputs=outputs)
+    return Tab(refresh=show_fusion, inputs=[*scales, fcmap], outputs=outputs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
-from .base import MODEL_EVENT, Context, Tab, has_image, mark_rendered, out_dir, sid, user_errors
+from .base import MODEL_EVENT, Context, Tab, has_image, mark_rendered, out_dir, page_image, sid, user_errors
 
 ID, TITLE = "norms", "Block norms"
 
@@ -41,13 +41,20 @@ def build(ctx: Context) -> Tab:
         nfiles = gr.File(label="Downloads", file_count="multiple")
     outputs = [heat, nstats, nhist, ntable, noverlay, nsummary, ctx.state]
 
+    def render(threshold_mode, threshold, block, shared_scale, st, request, page=True):
+        r = lab.norms_view(sid(request), st, _threshold(threshold_mode, threshold), block, shared_scale, light=page)
+        mark_rendered(st, ID, lab)
+        return (r.heatmap, r.stats, r.histogram, {"headers": list(r.headers), "data": r.table},
+                page_image(r.overlay) if page else r.overlay, r.summary, st)
+
     @user_errors
     def do_norms(threshold_mode, threshold, block, shared_scale, st, request: gr.Request):
         """threshold_mode: auto | fixed (then `threshold` is the norm); block: histogram block 1..L."""
-        r = lab.norms_view(sid(request), st, _threshold(threshold_mode, threshold), block, shared_scale)
-        mark_rendered(st, ID, lab)
-        return (r.heatmap, r.stats, r.histogram, {"headers": list(r.headers), "data": r.table},
-                r.overlay, r.summary, st)
+        return render(threshold_mode, threshold, block, shared_scale, st, request, page=False)
+
+    @user_errors
+    def show_norms(threshold_mode, threshold, block, shared_scale, st, request: gr.Request):
+        return render(threshold_mode, threshold, block, shared_scale, st, request)
 
     @user_errors
     def do_histogram(threshold_mode, threshold, block_v, st, request: gr.Request):
@@ -63,7 +70,7 @@ def build(ctx: Context) -> Tab:
 
     inputs = [thr_mode, thr_value, block, nshared, ctx.state]
     norms_btn.click(do_norms, inputs, outputs, api_name="norms", preprocess=False, **MODEL_EVENT)
-    gr.on([thr_mode.change, thr_value.submit, nshared.change], do_norms, inputs, outputs,
+    gr.on([thr_mode.change, thr_value.submit, nshared.change], show_norms, inputs, outputs,
           api_visibility="private", trigger_mode="always_last", **MODEL_EVENT)
     block.release(do_histogram, [thr_mode, thr_value, block, ctx.state], [nhist], api_visibility="private",
                   **MODEL_EVENT)
@@ -74,5 +81,8 @@ def build(ctx: Context) -> Tab:
         n = int(info.num_blocks)
         return (gr.update(maximum=n, value=min(int(block_value or n), n)),)
 
-    return Tab(refresh=do_norms, inputs=[thr_mode, thr_value, block, nshared], outputs=outputs, fit=fit,
-               fit_outputs=[block])
+    def prepare(session, st, threshold_mode, threshold, block_v, shared_scale):
+        lab.norms_view(session, st, _threshold(threshold_mode, threshold), block_v, shared_scale, light=True)
+
+    return Tab(refresh=show_norms, inputs=[thr_mode, thr_value, block, nshared], outputs=outputs, fit=fit,
+               fit_outputs=[block], prepare=prepare)
