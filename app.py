@@ -20,10 +20,10 @@ import gradio as gr
 from dpt_lab import memory
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
-from dpt_lab.ui import attention, depth, export, fusion, mask, norms
+from dpt_lab.ui import attention, depth, export, fusion, mask, norms, scene3d
 from dpt_lab.ui.base import Context, sid, wire_refreshes
 
-TABS = (depth, attention, norms, fusion, mask, export)    # the page's tabs, in order
+TABS = (depth, attention, norms, fusion, mask, scene3d, export)    # the page's tabs, in order
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 MAX_FILE_SIZE = "50mb"

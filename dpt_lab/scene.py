@@ -1,11 +1,18 @@
 """Geometry on a depth map: a robust plane of best fit (the floor, usually), its removal,
-masks by a depth range and histogram equalisation. numpy only; every function works on
-a depth already computed (the app's cached one), never re-encodes.
+masks by a depth range, histogram equalisation, and the depth in 3D (points, a mesh, GLB and
+PLY files). Every function works on a depth already computed (the app's cached one), never
+re-encodes.
 
     a, b, c = fit_plane(depth, mask=None)     # depth ~ a*x + b*y + c, x, y in pixels (column, row)
     flat = remove_plane(depth, strength=1.0, plane=None)
     keep = depth_mask(depth, low, high, invert=False, normalised=True)
     shown = equalise(depth)                   # 0..1 by rank: histogram equalisation
+    pts = unproject(depth, fov_deg=60.0)      # H x W x 3 in the camera frame
+    mesh = build_mesh(rgb, depth, ...); write_glb(mesh, "scene.glb"); write_ply(mesh, "scene.ply")
+
+The camera is a pinhole with the principal point at the image centre. Pixel (column i, row
+j) covers [i, i+1) x [j, j+1) and its centre is (i + 0.5, j + 0.5), so the image's left and
+right edges (x = 0 and x = W) are at -/+ z tan(fov / 2). Frame: x right, y down, z forward.
 
 Relative models predict inverse depth (large = near), so on the normalised scale
 (d - min) / (max - min) 1 is the nearest point; metric models give metres (small = near).
@@ -13,6 +20,10 @@ Relative models predict inverse depth (large = near), so on the normalised scale
 
 from __future__ import annotations
 
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -167,3 +178,230 @@ def equalise(depth, bins: int = EQUALISE_BINS) -> np.ndarray:
     out = np.interp(d, edges, cdf)
     out[~finite] = np.nan
     return out.astype(np.float32)
+
+
+# -- 3D -----------------------------------------------------------------------------------
+DEFAULT_FOV = 60.0
+DEFAULT_MAX_VERTICES = 500_000
+MAX_VERTICES = 2_000_000
+DEFAULT_EDGE = 0.05
+
+
+def focal_length(width: int, fov_deg=DEFAULT_FOV, focal_px=None) -> float:
+    """The focal length in pixels: `focal_px` when given, else from the horizontal field of
+    view: (W / 2) / tan(fov / 2)."""
+    if focal_px not in (None, "", 0, 0.0):
+        f = number(focal_px, "focal length")
+        if f <= 0:
+            raise SceneError(f"the focal length must be positive (pixels), got {focal_px!r}")
+        return f
+    fov = number(fov_deg, "field of view")
+    if not 1.0 < fov < 179.0:
+        raise SceneError(f"the field of view must lie between 1 and 179 degrees, got {fov_deg!r}")
+    return (width / 2.0) / math.tan(math.radians(fov) / 2.0)
+
+
+def distance(depth, *, inverse: bool = False, near=None, far=None, bounds=None) -> np.ndarray:
+    """z (float64 H x W) from a model's depth. Metric (inverse=False): the depth itself, in
+    metres. Relative (inverse=True: inverse depth up to scale and shift): the normalised
+    inverse depth v (0..1, 1 = nearest) becomes 1 / (v (1/near - 1/far) + 1/far), so v = 1 is
+    at `near` and v = 0 at `far`; the shape depends on those two numbers. bounds: the (min,
+    max) that normalise v, when `depth` is a sample of a larger map."""
+    d = _depth(depth)
+    if bounds is None and not np.isfinite(d).any():
+        raise SceneError("the depth has no valid pixels")
+    if not inverse:
+        return d
+    if near is None or far is None:
+        raise SceneError("relative depth needs the near and far distances to become distances")
+    n, f = number(near, "near"), number(far, "far")
+    if n <= 0 or f <= 0:
+        raise SceneError(f"near and far must be positive, got near {near!r}, far {far!r}")
+    if n >= f:
+        raise SceneError(f"near ({n:g}) must be less than far ({f:g})")
+    if bounds is None:
+        v = normalise(d)
+    else:
+        lo, hi = bounds
+        v = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
+    return 1.0 / (v * (1.0 / n - 1.0 / f) + 1.0 / f)
+
+
+def _rays(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], focal: float):
+    """x / z and y / z of the pixel centres (rows, cols) of an image of `shape`."""
+    h, w = shape
+    return (cols + 0.5 - w / 2.0) / focal, (rows + 0.5 - h / 2.0) / focal
+
+
+def unproject(depth, fov_deg=DEFAULT_FOV, focal_px=None, inverse: bool = False, near=None, far=None) -> np.ndarray:
+    """Every pixel's point in the camera frame (H x W x 3 float32: x right, y down, z forward;
+    metres, or the units of near / far). Invalid depth gives NaN points."""
+    z = distance(depth, inverse=inverse, near=near, far=far)
+    h, w = z.shape
+    f = focal_length(w, fov_deg, focal_px)
+    rx, ry = _rays(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), (h, w), f)
+    out = np.empty((h, w, 3), dtype=np.float32)
+    out[..., 0] = rx[None, :] * z
+    out[..., 1] = ry[:, None] * z
+    out[..., 2] = z
+    return out
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray       # V x 3 float32, camera frame
+    faces: np.ndarray          # F x 3 int64, indices into vertices (front faces towards the camera)
+    colors: np.ndarray         # V x 3 uint8, the image's colour at each vertex
+    grid: tuple[int, int]      # rows x cols of the sampled pixel grid
+    step: int                  # one vertex every `step` pixels of the image
+
+
+def _vertex_cap(max_vertices) -> int:
+    v = number(max_vertices, "max vertices")
+    if v != int(v) or not 3 <= v <= MAX_VERTICES:
+        raise SceneError(f"max vertices must be a whole number from 3 to {MAX_VERTICES:,}, got {max_vertices!r}")
+    return int(v)
+
+
+def build_mesh(image_rgb, depth, fov_deg=DEFAULT_FOV, focal_px=None, inverse: bool = False, near=None, far=None,
+               edge=DEFAULT_EDGE, max_vertices=DEFAULT_MAX_VERTICES, drop_beyond=None) -> Mesh:
+    """A triangle mesh of the depth with the image's colours: one vertex per sampled pixel (every
+    `step` pixels, the smallest step that keeps at most max_vertices), two triangles per grid
+    square. No rubber sheet: a triangle whose depths differ by more than `edge` (relative: max z
+    / min z - 1) is dropped; 0 keeps them all. Pixels with invalid depth, or beyond
+    `drop_beyond` (the sky), have no vertex."""
+    rgb = np.asarray(image_rgb)
+    raw = np.asarray(depth)
+    if raw.ndim != 2 or raw.size == 0:
+        raise SceneError(f"depth must be a non-empty H x W array, got shape {raw.shape}")
+    h, w = raw.shape
+    if rgb.shape[:2] != (h, w):
+        raise SceneError(f"image {rgb.shape[1]}x{rgb.shape[0]} and depth {w}x{h} differ in size")
+    cut = number(edge, "edge threshold")
+    if cut < 0:
+        raise SceneError(f"the edge threshold is a relative depth change >= 0 (0 = off), got {edge!r}")
+    cap = _vertex_cap(max_vertices)
+    f = focal_length(w, fov_deg, focal_px)
+    step = max(1, math.ceil(math.sqrt(h * w / cap)))
+    while math.ceil(h / step) * math.ceil(w / step) > cap:
+        step += 1
+    rows = np.arange(step // 2, h, step) if step > 1 else np.arange(h)
+    cols = np.arange(step // 2, w, step) if step > 1 else np.arange(w)
+    finite = raw[np.isfinite(raw)] if not np.isfinite(raw).all() else raw
+    if finite.size == 0:
+        raise SceneError("the depth has no valid pixels to build a scene from")
+    bounds = (float(finite.min()), float(finite.max()))               # of the whole map, not the sample
+    # only the sampled pixels become distances (a 12 MP map is never converted whole)
+    z = distance(raw[rows[:, None], cols[None, :]], inverse=inverse, near=near, far=far, bounds=bounds)
+    valid = np.isfinite(z) & (z > 0)
+    if drop_beyond not in (None, "", 0, 0.0):
+        limit = number(drop_beyond, "far limit")
+        if limit <= 0:
+            raise SceneError(f"the far limit must be positive, got {drop_beyond!r}")
+        valid &= z <= limit
+    if not valid.any():
+        raise SceneError("the depth has no valid pixels to build a scene from")
+    gh, gw = z.shape
+    rx, ry = _rays(rows.astype(np.float64), cols.astype(np.float64), (h, w), f)
+    grid_points = np.stack([rx[None, :] * z, ry[:, None] * z, z], axis=-1)
+    index = np.full((gh, gw), -1, dtype=np.int64)
+    index[valid] = np.arange(int(valid.sum()))
+    a, b = index[:-1, :-1], index[:-1, 1:]          # (r, c), (r, c+1)
+    c, d = index[1:, :-1], index[1:, 1:]            # (r+1, c), (r+1, c+1)
+    za, zb, zc, zd = z[:-1, :-1], z[:-1, 1:], z[1:, :-1], z[1:, 1:]
+    faces = []
+    for tri, zs in (((a, c, b), (za, zc, zb)), ((b, c, d), (zb, zc, zd))):
+        ok = (tri[0] >= 0) & (tri[1] >= 0) & (tri[2] >= 0)
+        if cut > 0:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                lo = np.minimum(np.minimum(zs[0], zs[1]), zs[2])
+                hi = np.maximum(np.maximum(zs[0], zs[1]), zs[2])
+                ok &= hi <= lo * (1.0 + cut)
+        faces.append(np.stack([t[ok] for t in tri], axis=1))
+    colors = rgb[rows[:, None], cols[None, :], :3][valid].astype(np.uint8)
+    return Mesh(grid_points[valid].astype(np.float32), np.concatenate(faces).astype(np.int64), colors,
+                (gh, gw), step)
+
+
+# glTF's frame is y up with the camera looking down -z; the camera frame is y down, z forward:
+# a half turn about x takes one to the other (and keeps the triangles facing the camera).
+_TO_GLTF = np.array([1.0, -1.0, -1.0], dtype=np.float32)
+
+
+def write_glb(mesh: Mesh, path, points: bool = False) -> Path:
+    """The mesh (or, with points, its vertices as a point cloud) with vertex colours as a binary
+    glTF (.glb), in glTF's frame (y up, looking down -z). Written by trimesh: a maintained glTF
+    writer (and the reader the tests use), pure Python over numpy, where a hand-written glTF
+    would be ours to keep right."""
+    import trimesh
+
+    path = Path(path)
+    rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
+    if points:
+        geometry = trimesh.PointCloud(mesh.vertices * _TO_GLTF, colors=rgba)
+    else:
+        geometry = trimesh.Trimesh(mesh.vertices * _TO_GLTF, mesh.faces, vertex_colors=rgba, process=False)
+    path.write_bytes(geometry.export(file_type="glb"))
+    return path
+
+
+def write_ply(mesh: Mesh, path) -> Path:
+    """The vertices as a binary PLY point cloud (x, y, z float; red, green, blue uint8), in the
+    camera frame (x right, y down, z forward), written by trimesh."""
+    import trimesh
+
+    path = Path(path)
+    rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
+    path.write_bytes(trimesh.PointCloud(mesh.vertices, colors=rgba).export(file_type="ply", encoding="binary"))
+    return path
+
+
+# -- command line ------------------------------------------------------------------------
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "scene", help="the depth in 3D: a coloured mesh or point cloud as GLB (and PLY)",
+        description="The depth as a 3D scene: a pinhole camera at the image centre (horizontal field of view, "
+                    "or a focal length in pixels). Metric models give metres; relative models are placed "
+                    "between --near and --far (the shape depends on them).")
+    p.add_argument("image", help="image file")
+    p.add_argument("--model", required=True, help="checkpoint file, -hf folder, local name or known model name")
+    p.add_argument("--out", required=True, help="the scene as .glb")
+    p.add_argument("--ply", default=None, help="also write the vertices as a binary .ply point cloud")
+    camera = p.add_mutually_exclusive_group()
+    camera.add_argument("--fov", default=str(DEFAULT_FOV), help="horizontal field of view, degrees (default 60)")
+    camera.add_argument("--focal", default=None, metavar="PX", help="focal length in pixels instead")
+    p.add_argument("--near", default="1", help="relative models: distance of the nearest point (default 1)")
+    p.add_argument("--far", default="10", help="relative models: distance of the farthest point (default 10)")
+    p.add_argument("--edge", default=str(DEFAULT_EDGE), help="cut triangles across this relative depth change (0 = off)")
+    p.add_argument("--max-vertices", default=str(DEFAULT_MAX_VERTICES), help=f"at most (up to {MAX_VERTICES:,})")
+    p.add_argument("--points", action="store_true", help="a point cloud instead of a mesh")
+    p.add_argument("--base-size", type=int, default=None, help="processing size (default: the model's)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run_cli(args) -> int:
+    import dpt_lab
+
+    from . import imaging
+
+    # the camera and the cap are checked before the (slow) load and encode
+    focal_length(1000, args.fov, args.focal)
+    _vertex_cap(args.max_vertices)
+    rgb = imaging.load_image(args.image)
+    model = dpt_lab.load_model(args.model, device=args.device)
+    metric = bool(model.info.metric)
+    if not metric:
+        distance(np.ones((1, 1)), inverse=True, near=args.near, far=args.far)
+    depth = model.predict(rgb, base_size=args.base_size)
+    mesh = build_mesh(rgb, depth, fov_deg=args.fov, focal_px=args.focal, inverse=not metric,
+                      near=None if metric else args.near, far=None if metric else args.far, edge=args.edge,
+                      max_vertices=args.max_vertices)
+    written = [str(write_glb(mesh, args.out, points=args.points))]
+    if args.ply:
+        written.append(str(write_ply(mesh, args.ply)))
+    print(f"{len(mesh.vertices):,} vertices, {'points' if args.points else f'{len(mesh.faces):,} triangles'} "
+          f"({'metres' if metric else f'relative, placed between {args.near} and {args.far}'}): "
+          f"wrote {', '.join(written)}")
+    return 0

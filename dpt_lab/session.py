@@ -27,6 +27,7 @@ encoder passes (tests check it).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import time
@@ -101,6 +102,14 @@ class MaskResult:
     mask: np.ndarray                # display size, uint8 (255 = kept)
     flat_view: np.ndarray           # display size, the plane-removed depth coloured (equalised with contrast)
     masked: Any                     # mask.Masked at the image's size (keep, flat, plane)
+    text: str
+
+
+@dataclass
+class SceneResult:
+    glb: Path                       # the mesh (or point cloud) as GLB: what the page shows
+    ply: Path                       # the vertices as a binary PLY point cloud
+    mesh: Any                       # scene.Mesh
     text: str
 
 
@@ -519,6 +528,35 @@ class Lab:
 
         view = self.mask_view(session, state, low, high, invert, strength)
         return mask_mod.write_files(state["image"], view.masked, folder, f"{state['name']}_mask")
+
+    # -- 3D tab --------------------------------------------------------------------------
+    def scene_view(self, session: str, state: Optional[dict], folder, fov=60.0, focal=None, near=1.0, far=10.0,
+                   edge=0.05, max_vertices=500_000, points=False, drop_beyond=None) -> SceneResult:
+        """The session's cached depth in 3D (no re-encode): a GLB mesh (or point cloud) with the
+        image's colours and a PLY point cloud, in `folder`. Metric models: metres as predicted
+        (near / far unused). Relative models: the normalised inverse depth placed between
+        near and far (the shape depends on them)."""
+        from . import scene
+
+        entry = self.entry(session, state)
+        metric = bool(entry.info.metric)
+        mesh = scene.build_mesh(state["image"], entry.depth_image, fov_deg=fov, focal_px=focal, inverse=not metric,
+                                near=None if metric else near, far=None if metric else far, edge=edge,
+                                max_vertices=max_vertices, drop_beyond=drop_beyond)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{state['name']}_scene"
+        glb = scene.write_glb(mesh, folder / f"{stem}{'_points' if points else ''}.glb", points=bool(points))
+        ply = scene.write_ply(mesh, folder / f"{stem}.ply")
+        h, w = entry.depth_image.shape
+        f = scene.focal_length(w, fov, focal)
+        units = ("metres, as the model predicts them" if metric else
+                 f"relative depth placed between near {scene.number(near, 'near'):g} and far "
+                 f"{scene.number(far, 'far'):g}: the shape depends on these two numbers")
+        text = (f"{len(mesh.vertices):,} vertices (every {mesh.step} px of {w}x{h}), "
+                f"{'point cloud' if points else f'{len(mesh.faces):,} triangles'} · focal {f:.1f} px "
+                f"(horizontal field of view {math.degrees(2 * math.atan(w / 2 / f)):.1f}°) · {units}")
+        return SceneResult(glb, ply, mesh, text)
 
     # -- Export tab ----------------------------------------------------------------------
     def export_model(self, model_name, folder, *, dynamic=True, fp16=False, with_preprocessing=False,

@@ -55,7 +55,7 @@ def test_startup_pick_and_endpoints(served):
     client, _, lab, model, _ = served
     assert model == "depth-anything-v2-small" and not lab.manager.untrained
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/depth", "/attention", "/norms", "/fusion", "/mask", "/export"):
+    for name in ("/depth", "/attention", "/norms", "/fusion", "/mask", "/scene3d", "/export"):
         assert name in api
     params = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in api}
     assert params["/depth"] == ["image", "model", "base_size", "keep_aspect", "colormap"]
@@ -168,6 +168,23 @@ def test_mask_cuts_out_the_depth_range_without_re_encoding(served, depth_result)
     assert lab.store.encodes == encodes                    # every control works on the cached depth
     with pytest.raises(Exception, match="above range high"):
         client.predict(0.9, 0.1, False, 0, api_name="/mask")
+
+
+def test_scene3d_gives_a_glb_and_a_ply_of_the_cached_depth(served, depth_result):
+    import trimesh
+
+    client, _, lab, _, _ = served
+    encodes = lab.store.encodes
+    glb, ply = client.predict(60, 0, 1.0, 10.0, 0.05, 20_000, False, api_name="/scene3d")
+    assert Path(glb).read_bytes()[:4] == b"glTF"
+    (mesh,) = trimesh.load(glb).geometry.values()
+    cloud = trimesh.load(ply)
+    assert 0 < len(mesh.vertices) == len(cloud.vertices) <= 20_000 and len(mesh.faces) > 0
+    z = cloud.vertices[:, 2]                                 # camera frame: between near and far
+    assert 1.0 - 1e-4 <= z.min() and z.max() <= 10.0 + 1e-3
+    assert lab.store.encodes == encodes
+    with pytest.raises(Exception, match="less than far"):
+        client.predict(60, 0, 10.0, 1.0, 0.05, 20_000, False, api_name="/scene3d")
 
 
 def test_requests_hand_freed_memory_back(served, depth_result):

@@ -67,6 +67,17 @@ def wait_text(page, selector: str, needle: str, timeout_ms: int = TIMEOUT_MS) ->
     return page.locator(selector).inner_text()
 
 
+def download(page, selector: str, folder: Path, timeout_ms: int = TIMEOUT_MS) -> Path:
+    """Click the first file link of the gr.File at `selector` as a user would; the saved file."""
+    link = page.locator(f"{selector} a")
+    link.first.wait_for(timeout=timeout_ms)
+    with page.expect_download() as info:
+        link.first.click()
+    path = Path(folder) / info.value.suggested_filename
+    info.value.save_as(path)
+    return path
+
+
 def shot(page, name: str) -> Path:
     """Save the tab's screenshot; the page must show no error message (Gradio's toasts)."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -355,16 +366,41 @@ def test_mask_range_changes_the_preview_and_the_cutout_has_the_image_size(browse
     checker = mask_mod.preview(np.asarray(Image.open(ASSET).convert("RGB")), keep)
     assert_shown(after, checker)                          # the image where kept, the checkerboard elsewhere
     page.locator("#mask-run").click()
-    link = page.locator("#mask-cutout a")
-    link.wait_for()
-    with page.expect_download() as info:
-        link.first.click()
-    path = tmp_path / "cutout.png"
-    info.value.save_as(path)
+    path = download(page, "#mask-cutout", tmp_path)
     with Image.open(path) as im:
         assert im.mode == "RGBA" and im.size == (451, 300)
         np.testing.assert_array_equal(np.asarray(im)[..., 3] == 255, keep)
     shot(page, "mask")
+    assert not errors, errors
+
+
+def test_3d_tab_draws_the_scene_and_downloads_a_glb(browser_page, tmp_path):
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="3D").click()
+    wait_text(page, "#scene-info", "vertices")               # the tab builds its scene when opened
+    assert "depends on these two numbers" in page.locator("#scene-units").inner_text()
+    canvas = page.locator("#scene-model canvas")
+    canvas.wait_for()
+    # what the page shows over the canvas (a WebGL canvas's own buffer reads back blank), inside
+    # the label and the buttons that sit on top of it
+    background = np.array([0.1, 0.1, 0.12]) * 255
+    drawn = cleared = 0.0
+    for _ in range(120):                                    # software WebGL: the mesh comes in seconds
+        box = canvas.bounding_box()
+        shown = png(page.screenshot(clip=box))[..., :3].astype(float)
+        h, w = shown.shape[:2]
+        inner = shown[int(0.15 * h):int(0.95 * h), int(0.05 * w):int(0.95 * w)]
+        cleared = (np.abs(inner - background).max(axis=-1) <= 30).mean()     # WebGL is drawing
+        drawn = ((np.abs(inner - background).max(axis=-1) > 30) & (inner.min(axis=-1) < 230)).mean()
+        if cleared > 0.5 and drawn > 0.01:                  # the scene, not the blank page before it
+            OUT.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(shown.astype(np.uint8)).save(OUT / "scene3d_canvas.png")
+            break
+        page.wait_for_timeout(250)
+    assert cleared > 0.5 and drawn > 0.01, f"the 3D canvas: {cleared:.0%} background, {drawn:.1%} scene"
+    path = download(page, "#scene-glb", tmp_path)
+    assert path.suffix == ".glb" and path.read_bytes()[:4] == b"glTF"
+    shot(page, "scene3d")
     assert not errors, errors
 
 
