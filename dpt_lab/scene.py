@@ -375,6 +375,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edge", default=str(DEFAULT_EDGE), help="cut triangles across this relative depth change (0 = off)")
     p.add_argument("--max-vertices", default=str(DEFAULT_MAX_VERTICES), help=f"at most (up to {MAX_VERTICES:,})")
     p.add_argument("--points", action="store_true", help="a point cloud instead of a mesh")
+    p.add_argument("--drop-beyond", default=None, metavar="Z", help="no points beyond this distance (the sky)")
     p.add_argument("--base-size", type=int, default=None, help="processing size (default: the model's)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.set_defaults(func=run_cli)
@@ -397,7 +398,7 @@ def run_cli(args) -> int:
     depth = model.predict(rgb, base_size=args.base_size)
     mesh = build_mesh(rgb, depth, fov_deg=args.fov, focal_px=args.focal, inverse=not metric,
                       near=None if metric else args.near, far=None if metric else args.far, edge=args.edge,
-                      max_vertices=args.max_vertices)
+                      max_vertices=args.max_vertices, drop_beyond=args.drop_beyond)
     written = [str(write_glb(mesh, args.out, points=args.points))]
     if args.ply:
         written.append(str(write_ply(mesh, args.ply)))

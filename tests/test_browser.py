@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -400,6 +401,20 @@ def test_3d_tab_draws_the_scene_and_downloads_a_glb(browser_page, tmp_path):
     assert cleared > 0.5 and drawn > 0.01, f"the 3D canvas: {cleared:.0%} background, {drawn:.1%} scene"
     path = download(page, "#scene-glb", tmp_path)
     assert path.suffix == ".glb" and path.read_bytes()[:4] == b"glTF"
+    before = page.locator("#scene-info").inner_text()
+    drop = page.locator("#scene-drop input")
+    drop.fill("4")                                         # no points beyond 4 (between near 1 and far 10)
+    drop.press("Tab")
+    page.locator("#scene-run").click()
+    count = r"([\d,]+) vertices"
+    n_before = int(re.search(count, before).group(1).replace(",", ""))
+    after = page.wait_for_function(
+        """(old) => { const t = document.querySelector('#scene-info').innerText;
+                      const m = t.match(/([\\d,]+) vertices/);
+                      return !t.includes('processing') && m && m[1] !== old ? t : null; }""",
+        arg=re.search(count, before).group(1)).json_value()
+    n_after = int(re.search(count, after).group(1).replace(",", ""))
+    assert 0 < n_after < n_before
     shot(page, "scene3d")
     assert not errors, errors
 

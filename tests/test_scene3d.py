@@ -190,9 +190,11 @@ def test_scene_command_line(tmp_path, capsys, monkeypatch):
     ckpt = save_fixture_checkpoint("depth_anything_v2_vits", tmp_path)
     out, ply = tmp_path / "s.glb", tmp_path / "s.ply"
     rc = cli.main(["scene", str(ASSET), "--model", str(ckpt), "--out", str(out), "--ply", str(ply),
-                   "--max-vertices", "5000", "--base-size", "140", "--near", "2", "--far", "6"])
+                   "--max-vertices", "5000", "--base-size", "140", "--near", "2", "--far", "6", "--drop-beyond", "5"])
     assert rc in (0, None) and "vertices" in capsys.readouterr().out
-    assert len(trimesh.load(ply).vertices) <= 5000 and out.read_bytes()[:4] == b"glTF"
+    cloud = trimesh.load(ply)
+    assert len(cloud.vertices) <= 5000 and out.read_bytes()[:4] == b"glTF"
+    assert cloud.vertices[:, 2].max() <= 5.0 + 1e-5                   # --drop-beyond
     for bad, message in ((["--near", "6", "--far", "2"], "less than far"), (["--fov", "200"], "between 1 and 179"),
                          (["--max-vertices", "9000000"], "max vertices")):
         rc = cli.main(["scene", str(ASSET), "--model", str(ckpt), "--out", str(tmp_path / "x.glb"), *bad])

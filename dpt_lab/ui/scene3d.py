@@ -30,6 +30,8 @@ def build(ctx: Context) -> Tab:
                              label="edge cut: relative depth change (0 = off)")
             max_vertices = gr.Slider(10_000, scene.MAX_VERTICES, value=scene.DEFAULT_MAX_VERTICES, step=10_000,
                                      label="vertices at most")
+            drop = gr.Number(0, label="drop points beyond this distance (the sky; 0 = keep all)", minimum=0,
+                             elem_id="scene-drop")
             points = gr.Checkbox(False, label="point cloud instead of a mesh")
             run = gr.Button("Build the 3D scene", variant="primary", elem_id="scene-run")
         with gr.Column(scale=2):
@@ -44,9 +46,9 @@ def build(ctx: Context) -> Tab:
     controls = [fov, focal, near, far, edge, max_vertices, points]
     outputs = [view, info, glb_file, ply_file, ctx.state]
 
-    def make(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, st, request):
+    def make(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, st, request, drop_v=None):
         return lab.scene_view(sid(request), st, out_dir("scene"), fov_v, focal_v or None, near_v, far_v, edge_v,
-                              max_v, points_v)
+                              max_v, points_v, drop_beyond=drop_v or None)
 
     @user_errors
     def do_scene(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, st, request: gr.Request):
@@ -57,17 +59,17 @@ def build(ctx: Context) -> Tab:
         return str(r.glb), str(r.ply)
 
     @user_errors
-    def show_scene(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, st, request: gr.Request):
+    def show_scene(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, drop_v, st, request: gr.Request):
         if not has_image(st):
             return skips(len(outputs))
-        r = make(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, st, request)
+        r = make(fov_v, focal_v, near_v, far_v, edge_v, max_v, points_v, st, request, drop_v)
         mark_rendered(st, ID, lab)
         return str(r.glb), r.text, str(r.glb), str(r.ply), st
 
     api_btn = gr.Button(visible=False)          # /scene3d for scripts: the two files
     api_btn.click(do_scene, [*controls, ctx.state], [glb_file, ply_file], api_name="scene3d", preprocess=False,
                   **MODEL_EVENT)
-    page = dict(inputs=[*controls, ctx.state], outputs=outputs, api_visibility="private", preprocess=False,
+    page = dict(inputs=[*controls, drop, ctx.state], outputs=outputs, api_visibility="private", preprocess=False,
                 **MODEL_EVENT)
     run.click(show_scene, **page)
     gr.on([points.change, edge.release, fov.release], show_scene, trigger_mode="always_last", **page)
@@ -75,4 +77,4 @@ def build(ctx: Context) -> Tab:
     def fit(info_, _note):
         return (gr.update(value=METRIC_NOTE if info_.metric else RELATIVE_NOTE),)
 
-    return Tab(refresh=show_scene, inputs=controls, outputs=outputs, fit=fit, fit_outputs=[note])
+    return Tab(refresh=show_scene, inputs=[*controls, drop], outputs=outputs, fit=fit, fit_outputs=[note])
