@@ -71,6 +71,23 @@ def cut_out(rgb: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.dstack([rgb[..., :3].astype(np.uint8), np.where(keep, 255, 0).astype(np.uint8)])
 
 
+def mask_image(keep: np.ndarray) -> np.ndarray:
+    """The mask as a grey image (uint8: 255 = kept, 0 = masked out)."""
+    return np.where(keep, 255, 0).astype(np.uint8)
+
+
+def save_cutout(rgb: np.ndarray, keep: np.ndarray, path, **png) -> None:
+    from PIL import Image
+
+    Image.fromarray(cut_out(rgb, keep), "RGBA").save(path, **png)
+
+
+def save_mask(keep: np.ndarray, path, **png) -> None:
+    from PIL import Image
+
+    Image.fromarray(mask_image(keep), "L").save(path, **png)
+
+
 def checkerboard(shape: tuple[int, int], square: int = CHECKER_PX) -> np.ndarray:
     """The usual grey squares that stand for transparency (H x W x 3 uint8)."""
     h, w = shape
@@ -94,16 +111,14 @@ def shrink(keep: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def write_files(rgb: np.ndarray, masked: Masked, folder, stem: str = "mask") -> dict:
     """cutout (RGBA PNG), mask (PNG, 255 = kept), depth16 (16-bit PNG of the plane-removed
     depth, min/max in its text chunks) and npy (its float32 array), in `folder`."""
-    from PIL import Image
-
     from . import imaging
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = {"cutout": folder / f"{stem}_cutout.png", "mask": folder / f"{stem}_mask.png",
            "depth16": folder / f"{stem}_depth_16bit.png", "npy": folder / f"{stem}_depth.npy"}
-    Image.fromarray(cut_out(rgb, masked.keep), "RGBA").save(out["cutout"], compress_level=1)
-    Image.fromarray(np.where(masked.keep, 255, 0).astype(np.uint8), "L").save(out["mask"], compress_level=1)
+    save_cutout(rgb, masked.keep, out["cutout"], compress_level=1)
+    save_mask(masked.keep, out["mask"], compress_level=1)
     imaging.depth_to_png16(masked.flat, out["depth16"])
     imaging.save_npy(masked.flat, out["npy"])
     return out
@@ -130,8 +145,6 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def run_cli(args) -> int:
-    from PIL import Image
-
     import dpt_lab
 
     from . import imaging
@@ -144,10 +157,10 @@ def run_cli(args) -> int:
     model = dpt_lab.load_model(args.model, device=args.device)
     depth = model.predict(rgb, base_size=args.base_size)
     masked = mask_depth(depth, low, high, invert=args.invert, strength=strength, metric=bool(model.info.metric))
-    Image.fromarray(cut_out(rgb, masked.keep), "RGBA").save(args.out)
+    save_cutout(rgb, masked.keep, args.out)
     written = [str(args.out)]
     if args.mask:
-        Image.fromarray(np.where(masked.keep, 255, 0).astype(np.uint8), "L").save(args.mask)
+        save_mask(masked.keep, args.mask)
         written.append(str(args.mask))
     if args.depth:
         path = Path(args.depth)

@@ -132,13 +132,21 @@ def remove_plane(depth, strength: float = 1.0, plane: Optional[tuple[float, floa
     return (d - s * plane_values(d.shape, plane)).astype(np.float32)
 
 
-def normalise(depth) -> np.ndarray:
-    """(d - min) / (max - min) over the finite values (0 where the depth is flat)."""
-    d = _depth(depth)
+def finite_range(depth) -> tuple[float, float]:
+    """(min, max) over the finite values, or a SceneError when there are none."""
+    d = np.asarray(depth)
     finite = np.isfinite(d)
-    if not finite.any():
-        raise SceneError("the depth has no finite values")
-    lo, hi = float(d[finite].min()), float(d[finite].max())
+    values = d if finite.all() else d[finite]
+    if values.size == 0:
+        raise SceneError("the depth has no valid pixels")
+    return float(values.min()), float(values.max())
+
+
+def normalise(depth, bounds: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """(d - min) / (max - min) over the finite values (0 where the depth is flat). bounds: the
+    (min, max) to use instead, when `depth` is a sample of a larger map."""
+    d = _depth(depth)
+    lo, hi = finite_range(d) if bounds is None else bounds
     return (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
 
 
@@ -166,11 +174,9 @@ def equalise(depth, bins: int = EQUALISE_BINS) -> np.ndarray:
     """Histogram equalisation: each value replaced by the share of the finite values at or
     below it (0..1, float32), so every colour of a colour map covers as many pixels."""
     d = _depth(depth)
+    lo, hi = finite_range(d)
     finite = np.isfinite(d)
-    if not finite.any():
-        raise SceneError("the depth has no finite values")
     vals = d[finite]
-    lo, hi = float(vals.min()), float(vals.max())
     if hi == lo:
         return np.zeros(d.shape, dtype=np.float32)
     counts, edges = np.histogram(vals, bins=int(bins), range=(lo, hi))
@@ -208,8 +214,8 @@ def distance(depth, *, inverse: bool = False, near=None, far=None, bounds=None) 
     at `near` and v = 0 at `far`; the shape depends on those two numbers. bounds: the (min,
     max) that normalise v, when `depth` is a sample of a larger map."""
     d = _depth(depth)
-    if bounds is None and not np.isfinite(d).any():
-        raise SceneError("the depth has no valid pixels")
+    if bounds is None:
+        finite_range(d)                      # a depth with no valid pixels says so
     if not inverse:
         return d
     if near is None or far is None:
@@ -219,12 +225,7 @@ def distance(depth, *, inverse: bool = False, near=None, far=None, bounds=None) 
         raise SceneError(f"near and far must be positive, got near {near!r}, far {far!r}")
     if n >= f:
         raise SceneError(f"near ({n:g}) must be less than far ({f:g})")
-    if bounds is None:
-        v = normalise(d)
-    else:
-        lo, hi = bounds
-        v = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
-    return 1.0 / (v * (1.0 / n - 1.0 / f) + 1.0 / f)
+    return 1.0 / (normalise(d, bounds) * (1.0 / n - 1.0 / f) + 1.0 / f)
 
 
 def _rays(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], focal: float):
@@ -285,12 +286,8 @@ def build_mesh(image_rgb, depth, fov_deg=DEFAULT_FOV, focal_px=None, inverse: bo
     step = max(1, math.ceil(math.sqrt(h * w / cap)))
     while math.ceil(h / step) * math.ceil(w / step) > cap:
         step += 1
-    rows = np.arange(step // 2, h, step) if step > 1 else np.arange(h)
-    cols = np.arange(step // 2, w, step) if step > 1 else np.arange(w)
-    finite = raw[np.isfinite(raw)] if not np.isfinite(raw).all() else raw
-    if finite.size == 0:
-        raise SceneError("the depth has no valid pixels to build a scene from")
-    bounds = (float(finite.min()), float(finite.max()))               # of the whole map, not the sample
+    rows, cols = np.arange(step // 2, h, step), np.arange(step // 2, w, step)
+    bounds = finite_range(raw)                                         # of the whole map, not the sample
     # only the sampled pixels become distances (a 12 MP map is never converted whole)
     z = distance(raw[rows[:, None], cols[None, :]], inverse=inverse, near=near, far=far, bounds=bounds)
     valid = np.isfinite(z) & (z > 0)
@@ -328,6 +325,10 @@ def build_mesh(image_rgb, depth, fov_deg=DEFAULT_FOV, focal_px=None, inverse: bo
 _TO_GLTF = np.array([1.0, -1.0, -1.0], dtype=np.float32)
 
 
+def _rgba(mesh: Mesh) -> np.ndarray:
+    return np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
+
+
 def write_glb(mesh: Mesh, path, points: bool = False) -> Path:
     """The mesh (or, with points, its vertices as a point cloud) with vertex colours as a binary
     glTF (.glb), in glTF's frame (y up, looking down -z). Written by trimesh: a maintained glTF
@@ -336,7 +337,7 @@ def write_glb(mesh: Mesh, path, points: bool = False) -> Path:
     import trimesh
 
     path = Path(path)
-    rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
+    rgba = _rgba(mesh)
     if points:
         geometry = trimesh.PointCloud(mesh.vertices * _TO_GLTF, colors=rgba)
     else:
@@ -351,8 +352,7 @@ def write_ply(mesh: Mesh, path) -> Path:
     import trimesh
 
     path = Path(path)
-    rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
-    path.write_bytes(trimesh.PointCloud(mesh.vertices, colors=rgba).export(file_type="ply", encoding="binary"))
+    path.write_bytes(trimesh.PointCloud(mesh.vertices, colors=_rgba(mesh)).export(file_type="ply", encoding="binary"))
     return path
 
 

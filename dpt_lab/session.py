@@ -490,35 +490,46 @@ class Lab:
         return depth_mod.write_files(view.depth, view.scaled, folder, f"{state['name']}_fusion_{tag}")
 
     # -- Mask tab ------------------------------------------------------------------------
+    def _masked(self, session: str, state: Optional[dict], low, high, invert, strength):
+        """(entry, mask.Masked) of the session's cached depth. The plane is fitted once per encode
+        and the plane-removed depth kept for the latest strength (at 0 it is the depth itself)."""
+        from . import mask as mask_mod
+        from . import scene
+
+        entry = self.entry(session, state)
+        s = scene.number(strength, "plane strength")
+        plane = flat = None
+        if s:
+            with self.store.using(entry):
+                plane = entry.cached("plane", lambda: scene.fit_plane(entry.depth_image))
+                flat = _latest(entry, "plane removed", s, lambda: scene.remove_plane(entry.depth_image, s, plane))
+        masked = mask_mod.mask_depth(entry.depth_image, low, high, invert=bool(invert), strength=s,
+                                     metric=bool(entry.info.metric), plane=plane, flat=flat)
+        return entry, masked
+
     def mask_view(self, session: str, state: Optional[dict], low=0.3, high=1.0, invert=False, strength=0.0,
                   contrast=False, cmap="turbo") -> MaskResult:
         """Mask the session's cached depth by a range (relative models: on the normalised
         inverse depth, 1 = nearest; metric: metres), after removing strength x its robust
-        plane; no re-encode. The plane is fitted once per encode, the plane-removed depth
-        kept for the latest strength."""
+        plane; no re-encode. The previews are at the display size."""
         from . import imaging, scene
         from . import mask as mask_mod
 
         cmap = _cmap(cmap)
-        entry = self.entry(session, state)
+        entry, masked = self._masked(session, state, low, high, invert, strength)
         metric = bool(entry.info.metric)
-        s = scene.number(strength, "plane strength")
-        with self.store.using(entry):
-            plane = entry.cached("plane", lambda: scene.fit_plane(entry.depth_image)) if s else None
-            flat = _latest(entry, "plane removed", s, lambda: scene.remove_plane(entry.depth_image, s, plane))
-        masked = mask_mod.mask_depth(entry.depth_image, low, high, invert=bool(invert), strength=s,
-                                     metric=metric, plane=plane, flat=flat)
         shown = self.display_image(state)
         keep = mask_mod.shrink(masked.keep, shown.shape[:2])
-        flat_small = mask_mod.shrink(flat, shown.shape[:2])
+        flat_small = mask_mod.shrink(masked.flat, shown.shape[:2])
         values = scene.equalise(flat_small) if contrast else flat_small
-        plane_text = (f"plane a={plane[0]:.3g}/px, b={plane[1]:.3g}/px, c={plane[2]:.4g} removed x {s:g}"
+        plane = masked.plane
+        plane_text = (f"plane a={plane[0]:.3g}/px, b={plane[1]:.3g}/px, c={plane[2]:.4g} removed x {masked.strength:g}"
                       if plane is not None else "no plane removed")
         text = (f"kept {masked.kept_share:.1%} of the pixels · {mask_mod.range_label(metric)} "
                 f"{scene.number(low, 'range low'):g}..{scene.number(high, 'range high'):g}"
                 f"{' (inverted)' if invert else ''} · {plane_text}{' · contrast: equalised' if contrast else ''}")
-        return MaskResult(mask_mod.preview(shown, keep), np.where(keep, 255, 0).astype(np.uint8),
-                          imaging.colorize(values, cmap), masked, text)
+        return MaskResult(mask_mod.preview(shown, keep), mask_mod.mask_image(keep), imaging.colorize(values, cmap),
+                          masked, text)
 
     def mask_files(self, session: str, state: Optional[dict], folder, low=0.3, high=1.0, invert=False,
                    strength=0.0) -> dict:
@@ -526,8 +537,8 @@ class Lab:
         16-bit PNG and .npy, in `folder`."""
         from . import mask as mask_mod
 
-        view = self.mask_view(session, state, low, high, invert, strength)
-        return mask_mod.write_files(state["image"], view.masked, folder, f"{state['name']}_mask")
+        _, masked = self._masked(session, state, low, high, invert, strength)
+        return mask_mod.write_files(state["image"], masked, folder, f"{state['name']}_mask")
 
     # -- 3D tab --------------------------------------------------------------------------
     def scene_view(self, session: str, state: Optional[dict], folder, fov=60.0, focal=None, near=1.0, far=10.0,
