@@ -17,7 +17,12 @@ with a one-pixel mark so each is a new encode):
 3. --clicks clicks on the image -> their tiles shown (reference: Lab.attention_at);
 4. open the Block norms tab -> heatmap drawn: Plotly's `plotly_afterplot` for the new
    figure, then one animation frame (reference: Lab.norms_view);
-5. --drags fusion slider positions -> scaled depth shown (reference: the decoder alone).
+5. --drags fusion slider positions -> scaled depth shown (reference: the decoder alone);
+6. hover: on the Features tab's similarity image, with "follow the pointer" on, the pointer
+   swept across the image for --hover-seconds (a move every 16 ms, as a mouse sends them):
+   how many new maps the page showed per second while it moved, and whether the map left
+   on screen is the last position's (reference: one Lab.features_view similarity). Goal:
+   at least 5 updates per second.
 
 Breakdown per interaction (medians, ms): `to server` (from the action to the first event's
 start: the browser's dispatch, the request, the queue join), `handler` (the handlers' own time on the path),
@@ -87,6 +92,18 @@ WAIT_PLOT = """async ([sel, oldMark]) => {
     }
     await new Promise(r => requestAnimationFrame(() => r()));
   }
+}"""
+
+
+# Keeps Date.now() of every new, decoded picture under `sel` in window.__dptSeen until __dptWatch is false.
+WATCH_IMG = """(sel) => {
+  window.__dptSeen = []; window.__dptWatch = true; let last = null;
+  const loop = () => {
+    const e = document.querySelector(sel + ' img');
+    if (e && e.src !== last && e.complete && e.naturalWidth > 0) { last = e.src; window.__dptSeen.push(Date.now()); }
+    if (window.__dptWatch) requestAnimationFrame(loop);
+  };
+  loop();
 }"""
 
 
@@ -162,6 +179,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--clicks", type=int, default=8)
     ap.add_argument("--drags", type=int, default=8)
+    ap.add_argument("--hover-seconds", type=float, default=3.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--traces", action="store_true", help="print every Gradio event on each interaction's path")
     args = ap.parse_args()
@@ -174,6 +192,7 @@ def main() -> None:
 
     memory.configure()
     results: dict[str, list[dict]] = {k: [] for k in GOALS}
+    results["hover"] = []
     refs: dict[str, list[float]] = {k: [] for k in GOALS}
     with tempfile.TemporaryDirectory(prefix="dpt_lab_ui_latency_") as tmp:
         tmp = Path(tmp)
@@ -196,7 +215,8 @@ def main() -> None:
                 for rep in range(args.reps):
                     run_once(page, pics[rep], results, args, traces, lab, model, refs=refs)
                     print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
-                        f"{k} {results[k][-1]['total']:.0f} ms" for k in GOALS if results[k]), flush=True)
+                        f"{k} {results[k][-1]['total']:.0f} ms" for k in GOALS if results[k])
+                        + f", hover {results['hover'][-1]['rate']:.1f}/s", flush=True)
                 floor = gradio_floor(browser, tmp)
                 browser.close()
         finally:
@@ -303,6 +323,41 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     page.locator("#fusion-reset").click()
     page.wait_for_function("() => document.querySelector('#fusion-info').innerText.includes('factors 1, 1, 1, 1 ')")
 
+    # 6. hover: the pointer sweeps the similarity image; maps shown per second while it moves
+    page.get_by_role("tab", name="Features").click()
+    page.wait_for_function("() => document.querySelector('#features-info').innerText.includes('block')")
+    img = page.locator("#features-image img")
+    box = None
+    while box != (box := img.bounding_box()):
+        page.wait_for_timeout(100)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_function("() => document.querySelector('#features-info').innerText.includes('cosine')")
+    hover = page.locator("#features-hover input")
+    hover.check()
+    page.evaluate(WATCH_IMG, "#features-image")
+    seconds = 0.5 if warm else args.hover_seconds
+    steps = max(2, int(seconds * 1000 / 16))
+    t0 = now()
+    for i in range(steps):
+        f = i / (steps - 1)
+        fx, fy = 0.05 + 0.9 * f, 0.5 + 0.4 * np.sin(6.283 * f) * 0.9
+        page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        page.wait_for_timeout(16)
+    t1 = now()
+    page.wait_for_timeout(1500)                               # the last position's map arrives
+    seen = page.evaluate("() => { window.__dptWatch = false; return window.__dptSeen; }")
+    text = page.locator("#features-info").inner_text()
+    page.mouse.move(0, 0)
+    hover.uncheck()
+    if results is not None:
+        from dpt_lab import attention
+        grid = entry.probe.grid(entry.probe.num_layers - 1)
+        row, col = attention.patch_at_pixel(entry.meta, grid, fx * 600 - 0.5, fy * 400 - 0.5)
+        shown = [t for t in seen if t0 <= t <= t1]
+        rate = len(shown) / ((t1 - t0) / 1000)
+        ref = ref_of(lambda: lab.features_view(sess, dict(state), 12, "similarity", fx * 600, fy * 400))
+        results["hover"].append({"rate": rate, "last_ok": f"patch row {row}, col {col}" in text, "ref": ref})
+
 
 def gradio_floor(browser, tmp: Path, n: int = 15) -> dict[str, list[float]]:
     """What any Gradio event costs here, whatever its handler: a click on a button whose
@@ -371,19 +426,26 @@ def write(results, refs, args, out_path: Path, floor: dict) -> None:
     lines = [f"## Page latency: {args.stem} at {args.base} (headless Chromium)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}. Command: "
              f"`python bench/ui_latency.py --stem {args.stem} --base {args.base} --reps {args.reps} "
-             f"--clicks {args.clicks} --drags {args.drags}`. ms, median (max) over {args.reps} pictures "
+             f"--clicks {args.clicks} --drags {args.drags} --hover-seconds {args.hover_seconds:g}`. ms, median (max) over {args.reps} pictures "
              f"(clicks and drags: all of them).", "",
              "| interaction | shown after | server-side work | ratio | goal | to server | handler | gradio | to browser "
              "| draw |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
-        if not rows:
+        if not rows or name == "hover":
             continue
         s = summary(rows)
         ref = statistics.median(refs[name]) if refs[name] else float("nan")
         lines.append(f"| {name} | {s['total'][0]:.0f} ({s['total'][1]:.0f}) | {ref:.0f} | {s['total'][0] / ref:.2f}x | "
                      f"{GOALS[name]} | {s['to_server'][0]:.0f} | {s['handler'][0]:.0f} | {s['gradio'][0]:.0f} | "
                      f"{s['to_browser'][0]:.0f} | {s['draw'][0]:.0f} |")
+    if results["hover"]:
+        rates = [r["rate"] for r in results["hover"]]
+        lines += ["", f"Hover on the similarity image (pointer swept for {args.hover_seconds:g} s, a move every 16 ms): "
+                  f"{statistics.median(rates):.1f} new maps per second, median (min {min(rates):.1f}) over "
+                  f"{len(rates)} sweeps (goal: at least 5); the map left on screen was the last position's in "
+                  f"{sum(r['last_ok'] for r in results['hover'])} of {len(rates)}; one similarity view in process: "
+                  f"{statistics.median(r['ref'] for r in results['hover']):.0f} ms."]
     if floor:
         lines += ["", "Gradio's own floor in the same browser and process (a page with one button, its "
                   "handler returning at once; median (max) of 15): "

@@ -25,6 +25,11 @@ elsewhere; pairs that the shifted-window mask separates get the usual -100 logit
 token)` lists the tokens it really attends to (its window less the other shift regions
 and padding: a rectangle of the grid), which the tiles outline.
 
+Over whole layers, still from q / k and one layer at a time: `mean_distance(probe)` (how far
+each head looks, in input pixels) and `rollout(probe, token, layer)` (attention rollout,
+Abnar & Zuidema 2020; within a stage on SwinV2). `probe.probabilities(layer)` yields a
+layer's attention a chunk of rows (or a group of windows) at a time for such sums.
+
 Rendering (`render_tiles`, `attention_view`, `mark_patch`) turns a (heads, N) array into
 a grid of coloured tiles (one per head plus their mean), used by the app and the CLI
 (`python -m dpt_lab attention IMAGE --model M --layer 9 --patch ROW,COL --out grid.png`).
@@ -47,12 +52,13 @@ from torch import Tensor
 
 from .encoders.base import BlockRecord, EncoderFeatures, Record, WindowLayout
 from .errors import DPTLabError
-from .imaging import meta_sizes
+from .imaging import lens_image, meta_sizes, patch_box  # noqa: F401 - patch_box: part of this API
 
 __all__ = [
     "AttentionError", "LayerError", "TokenError", "PatchError",
     "AttentionProbe", "capture", "patch_at_pixel", "patch_box",
     "render_tiles", "tiles_shape", "mark_patch", "attention_view",
+    "mean_distance", "rollout", "rollout_start", "rollout_view", "distance_figure", "HEAD_FUSIONS",
     "add_subcommand", "main",
 ]
 
@@ -153,6 +159,7 @@ class AttentionProbe:
                 record=rec,
             ))
         self._lse: dict[int, Tensor] = {}
+        self._derived: dict[str, object] = {}     # mean_distance, rollout: kept with the probe
         has_cls = {l.has_cls for l in self._layers}
         self.cls_token: Optional[int] = 0 if has_cls == {True} else None
 
@@ -288,18 +295,42 @@ class AttentionProbe:
         cached = self._lse.get(int(layer))
         if cached is not None:
             return cached
-        with torch.inference_mode():
-            k_t = l.k.float().transpose(1, 2)                       # (heads, d, N)
-            out = torch.empty(l.heads, l.n, dtype=torch.float32, device=l.q.device)
-            table = l.rel_table.float() if l.rel_table is not None else None
-            for s in range(0, l.n, LSE_CHUNK):
-                e = min(l.n, s + LSE_CHUNK)
-                logits = torch.bmm(l.q[:, s:e].float(), k_t).mul_(l.scale.unsqueeze(-1))   # (heads, c, N)
-                if table is not None:
-                    logits += table[l.rel_index[s:e]].permute(2, 0, 1)
-                out[:, s:e] = torch.logsumexp(logits, dim=-1)
+        out = torch.empty(l.heads, l.n, dtype=torch.float32, device=l.q.device)
+        for s, e, logits in self._logit_chunks(l):
+            out[:, s:e] = torch.logsumexp(logits, dim=-1)
         self._lse[int(layer)] = out
         return out
+
+    @torch.inference_mode()
+    def _logit_chunks(self, l: _Layer):
+        """(start, end, (heads, end - start, N) float32 logits) of a global layer's rows, LSE_CHUNK
+        queries at a time: nothing N x N is held."""
+        k_t = l.k.float().transpose(1, 2)                       # (heads, d, N)
+        table = l.rel_table.float() if l.rel_table is not None else None
+        for s in range(0, l.n, LSE_CHUNK):
+            e = min(l.n, s + LSE_CHUNK)
+            logits = torch.bmm(l.q[:, s:e].float(), k_t).mul_(l.scale.unsqueeze(-1))
+            if table is not None:
+                logits += table[l.rel_index[s:e]].permute(2, 0, 1)
+            yield s, e, logits
+
+    def probabilities(self, layer: int):
+        """The layer's whole attention, a piece at a time, as (queries, keys, probs):
+        global layers yield (chunk of query tokens, None = every token, (heads, c, N));
+        windowed layers (queries (nW, n), keys the same, (nW, heads, n, n)) per group of
+        windows, tokens -1 at padding. Each row sums to 1 over its keys."""
+        l = self._layer(layer)
+        if l.window is None:
+            for s, e, logits in self._logit_chunks(l):
+                yield torch.arange(s, e, device=l.q.device), None, torch.softmax(logits, dim=-1)
+            return
+        from .encoders import swin2
+
+        count = len(swin2.window_tokens(l.window))
+        step = max(1, (LSE_CHUNK * 16) // (l.window.window ** 2))
+        for s in range(0, count, step):
+            probs, tokens = swin2.window_probs(l.record, self.batch, slice(s, s + step))
+            yield tokens, tokens, probs
 
     def attention(self, layer: int, token: int, mode: str = "row") -> Tensor:
         if mode not in ("row", "column"):
@@ -308,19 +339,226 @@ class AttentionProbe:
 
 
 @torch.inference_mode()
-def capture(model, x: Tensor, *, batch: int = 0, norms: bool = False) -> AttentionProbe:
+def capture(model, x: Tensor, *, batch: int = 0, norms: bool = False, tokens: bool = False) -> AttentionProbe:
     """One recorded encoder pass of `model` on `x` (B x 3 x H x W, normalised as by
     model.preprocess); the probe explores image `batch` of the batch. With norms=True the
     same pass also records every block's token norms (probe.features for
-    norms.norms_from_features), so one encode serves the attention and norm tools.
+    norms.norms_from_features), with tokens=True every block's output tokens (for
+    features.FeatureProbe), so one encode serves the attention, norm and feature tools.
 
     The encoder compacts each block's q / k as soon as the block has run (its qkv output,
     v included, is freed then: encoders/base.py keep_record), so the pass holds about what
     the probe keeps."""
     if x.ndim != 4 or not 0 <= batch < x.shape[0]:
         raise AttentionError(f"batch index {batch} is outside the input batch (shape {tuple(x.shape)})")
-    features = model.encode(x, Record(attention=True, norms=bool(norms)))
+    features = model.encode(x, Record(attention=True, norms=bool(norms), tokens=bool(tokens)))
     return AttentionProbe(features, batch=batch, info=getattr(model, "info", None))
+
+
+# -- analytics over a whole layer -----------------------------------------------------------
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def _patch_centres(probe: AttentionProbe, layer: int) -> Tensor:
+    """(gh * gw, 2) float64 (y, x) of each patch of the layer's grid, in model-input pixels."""
+    (h, w), (gh, gw) = probe.input_size, probe.grid(layer)
+    ys = torch.arange(gh, dtype=torch.float64) * (h / gh)
+    xs = torch.arange(gw, dtype=torch.float64) * (w / gw)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def _distances(a: Tensor, b: Tensor) -> Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _layer_distance(probe: AttentionProbe, layer: int) -> Tensor:
+    """(heads,) float64 mean attention distance of one layer (see mean_distance)."""
+    l = probe._layer(layer)
+    centres = _patch_centres(probe, layer).to(l.q.device)
+    offset = 1 if l.has_cls else 0
+    total = torch.zeros(l.heads, dtype=torch.float64, device=l.q.device)
+    queries_seen = 0
+    with torch.inference_mode():
+        for queries, keys, probs in probe.probabilities(layer):
+            if keys is None:                          # global: (heads, c, N) rows of these queries
+                patch = queries >= offset
+                rows = queries[patch] - offset
+                dist = _distances(centres[rows], centres).float()                # (c, P)
+                total += torch.einsum("hqk,qk->h", probs[:, patch, offset:], dist).double()
+                queries_seen += int(rows.numel())
+            else:                                     # windows: (nW, heads, n, n), tokens -1 at padding
+                real = queries >= 0
+                where = centres[queries.clamp(min=0)]                              # (nW, n, 2)
+                dist = (_distances(where, where) * (real[:, :, None] & real[:, None, :])).float()
+                total += torch.einsum("whqk,wqk->h", probs, dist).double()
+                queries_seen += int(real.sum())
+    return total / max(1, queries_seen)
+
+
+def mean_distance(probe: AttentionProbe) -> np.ndarray:
+    """(layers, heads) float32: for each head of each layer, the attention-weighted distance
+    in model-input pixels from a query patch to the patches it attends to, averaged over all
+    query patches (figure 7 of the ViT paper). Patch tokens only: the CLS row and column
+    are left out and the rows are not renormalised (the convention of probing-vits), so a
+    head that looks at CLS counts as looking near. Distances are between patch centres.
+    Exact, from the stored q / k one layer at a time, a chunk of rows at a time (windowed
+    SwinV2 layers: their windows). Layers with fewer heads than the most (SwinV2's early
+    stages) are NaN past their own. Computed once per probe."""
+    cached = probe._derived.get("mean distance")
+    if cached is None:
+        heads = max(probe.num_heads(i) for i in range(probe.num_layers))
+        cached = np.full((probe.num_layers, heads), np.nan, dtype=np.float32)
+        for layer in range(probe.num_layers):
+            cached[layer, :probe.num_heads(layer)] = _layer_distance(probe, layer).cpu().numpy()
+        probe._derived["mean distance"] = cached
+    return cached.copy()
+
+
+def _check_rollout(head_fusion, discard_ratio) -> tuple[str, float]:
+    fusion = str(head_fusion or "mean").strip().lower()
+    if fusion not in HEAD_FUSIONS:
+        raise AttentionError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    try:
+        ratio = float(discard_ratio or 0.0)
+    except (TypeError, ValueError):
+        raise AttentionError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}") from None
+    if not 0.0 <= ratio < 1.0:
+        raise AttentionError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
+    return fusion, ratio
+
+
+def _fuse(probs: Tensor, fusion: str, head_dim: int) -> Tensor:
+    if fusion == "mean":
+        return probs.mean(head_dim)
+    return probs.amax(head_dim) if fusion == "max" else probs.amin(head_dim)
+
+
+def _discard(values: Tensor, ratio: float, allowed: Optional[Tensor] = None) -> None:
+    """Zero (in place) the lowest `ratio` share of the entries (of those `allowed`)."""
+    flat = values.reshape(-1)
+    count = flat.numel() if allowed is None else int(allowed.sum())
+    k = int(ratio * count)
+    if k <= 0:
+        return
+    ranked = flat if allowed is None else torch.where(allowed.reshape(-1), flat, torch.full_like(flat, math.inf))
+    flat[torch.topk(ranked, k, largest=False).indices] = 0.0
+
+
+def _rollout_matrix(probe: AttentionProbe, layer: int, fusion: str, ratio: float):
+    """One layer's step of the rollout: heads fused, the lowest entries discarded, the
+    identity added and the rows renormalised; global (N, N), or windowed ((nW, n, n), tokens)."""
+    l = probe._layer(layer)
+    with torch.inference_mode():
+        if l.window is None:
+            fused = torch.empty(l.n, l.n, dtype=torch.float32, device=l.q.device)
+            for queries, _, probs in probe.probabilities(layer):
+                fused[queries] = _fuse(probs, fusion, 0)
+            _discard(fused, ratio)
+            fused.diagonal().add_(1.0)
+            return fused.div_(fused.sum(-1, keepdim=True)), None
+        parts, tokens = [], []
+        for queries, _, probs in probe.probabilities(layer):
+            parts.append(_fuse(probs, fusion, 1))
+            tokens.append(queries)
+        fused, tokens = torch.cat(parts), torch.cat(tokens)                    # (nW, n, n), (nW, n)
+        real = tokens >= 0
+        pairs = real[:, :, None] & real[:, None, :]
+        fused = fused * pairs
+        _discard(fused, ratio, pairs)
+        fused = fused + torch.diag_embed(real.to(fused.dtype))
+        return fused.div_(fused.sum(-1, keepdim=True).clamp(min=1e-30)), tokens
+
+
+def rollout(probe: AttentionProbe, token: int, layer: Optional[int] = None, head_fusion: str = "mean",
+            discard_ratio: float = 0.0) -> Tensor:
+    """(N,) float32 summing to 1: attention rollout (Abnar & Zuidema 2020) of `token` of
+    `layer` (0-based; default the last): row `token` of A_layer @ ... @ A_first, where each
+    A is the layer's attention with its heads fused (mean, max or min), the lowest
+    `discard_ratio` share of its entries set to zero, the identity added (the residual) and
+    its rows renormalised. It says how much each token of the first layer's input flows
+    into `token` at `layer`.
+
+    ViT families roll out from block 0. SwinV2 rolls out within the stage of `layer`, from the
+    stage's first block: its windows tile one stage grid, and patch merging between stages
+    is not attention, so the product stops there (the result is over that stage's grid).
+    On windowed layers the discard ratio applies to the pairs a window holds.
+    The per-layer matrices are kept for the latest (head_fusion, discard_ratio), so another
+    token or layer costs a few vector-matrix products."""
+    fusion, ratio = _check_rollout(head_fusion, discard_ratio)
+    last = probe.num_layers - 1 if layer is None else layer
+    l = probe._layer(last)
+    last = int(last)
+    i = probe._check_token(l, last, token)
+    first = rollout_start(probe, last)
+    steps = probe._derived.get("rollout")
+    if steps is None or steps[0] != (fusion, ratio):
+        steps = ((fusion, ratio), {})
+        probe._derived["rollout"] = steps
+    v = torch.zeros(l.n, dtype=torch.float32, device=l.q.device)
+    v[i] = 1.0
+    with torch.inference_mode():
+        for b in range(last, first - 1, -1):
+            if b not in steps[1]:
+                steps[1][b] = _rollout_matrix(probe, b, fusion, ratio)
+            matrix, tokens = steps[1][b]
+            if tokens is None:
+                v = v @ matrix
+            else:
+                real = tokens >= 0
+                moved = torch.einsum("wi,wij->wj", v[tokens.clamp(min=0)] * real, matrix)
+                v = torch.zeros_like(v)
+                v[tokens[real]] = moved[real]
+    return v
+
+
+def rollout_start(probe: AttentionProbe, layer: Optional[int] = None) -> int:
+    """The first layer `rollout` multiplies from, for `layer` (0 for ViTs; the stage's first on SwinV2)."""
+    last = probe.num_layers - 1 if layer is None else int(layer)
+    first = last
+    while first > 0 and probe.grid(first - 1) == probe.grid(last):
+        first -= 1
+    return first
+
+
+def distance_figure(distances: np.ndarray, *, title: str = "Mean attention distance"):
+    """Plotly scatter of mean_distance's (layers, heads) array: x the layer (1-based), y the
+    distance in input pixels, one point per head (hover names it), and the mean per layer."""
+    import plotly.graph_objects as go
+
+    d = np.asarray(distances, dtype=np.float64)
+    layers, heads = np.nonzero(np.isfinite(d))
+    fig = go.Figure()
+    jitter = (heads - (d.shape[1] - 1) / 2) * (0.3 / max(1, d.shape[1]))   # heads side by side
+    fig.add_trace(go.Scatter(
+        x=layers + 1 + jitter, y=d[layers, heads], mode="markers", name="head",
+        marker=dict(size=7, color=heads, colorscale="Viridis", showscale=False, line=dict(width=0.5, color="#222")),
+        customdata=np.stack([layers + 1, heads + 1], axis=1),
+        hovertemplate="layer %{customdata[0]}, head %{customdata[1]}: %{y:.1f} px<extra></extra>"))
+    mean = np.nanmean(d, axis=1)
+    fig.add_trace(go.Scatter(x=np.arange(1, d.shape[0] + 1), y=mean, mode="lines", name="mean of the heads",
+                             line=dict(color="#888", dash="dot"),
+                             hovertemplate="layer %{x}: mean %{y:.1f} px<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="mean distance (input pixels)",
+                      template="plotly_white", height=380, margin=dict(l=50, r=20, t=50, b=40),
+                      legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(dtick=1 if d.shape[0] <= 24 else None)
+    return fig
+
+
+def rollout_view(probe: AttentionProbe, token: int, layer: int, image, *, head_fusion: str = "mean",
+                 discard_ratio: float = 0.0, cmap: str = "inferno", alpha: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(the rollout over the image (H x W x 3 uint8, the query patch outlined; the colours span
+    0 .. the largest share of another patch), values (N,))."""
+    values = rollout(probe, token, layer, head_fusion, discard_ratio).cpu().numpy()
+    offset = 1 if probe.cls_token is not None else 0
+    grid = probe.grid(layer)
+    patches = values[offset:]
+    others = np.delete(patches, token - offset) if token >= offset and patches.size > 1 else patches
+    # the token's own share (the residual) dwarfs the rest: the colours span the other patches
+    vmax = float(others.max()) if others.size and others.max() > 0 else None
+    picture = lens_image(patches.reshape(grid), image, cmap=cmap, alpha=alpha, vmin=0.0, vmax=vmax,
+                         query=probe.patch_of(token, layer))
+    return picture, values
 
 
 # -- windows (SwinV2) -------------------------------------------------------------------
@@ -393,20 +631,6 @@ def _axis_patch(p: float, image: int, inp: int, grid: int) -> int:
     else:
         pix = math.floor((p + 0.5) * inp / image)
     return min(grid - 1, max(0, pix // patch))
-
-
-def patch_box(image_size: tuple[int, int], grid: tuple[int, int], row: int, col: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) inclusive pixel box of patch (row, col) on an image of image_size
-    (h, w): the pixels whose centres patch_at_pixel maps to that patch."""
-    h, w = image_size
-    gh, gw = grid
-
-    def first(k, n, g):       # first pixel p with floor((2p + 1) * g / (2n)) >= k
-        return max(0, -(-(2 * k * n - g) // (2 * g)))
-
-    x0, x1 = first(col, w, gw), first(col + 1, w, gw) - 1
-    y0, y1 = first(row, h, gh), first(row + 1, h, gh) - 1
-    return x0, y0, max(x0, min(x1, w - 1)), max(y0, min(y1, h - 1))
 
 
 # -- rendering ----------------------------------------------------------------------------
@@ -650,8 +874,15 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                        help="pixel of the original image")
     which.add_argument("--cls", action="store_true", help="the class token (models with one)")
     p.add_argument("--column", action="store_true", help="how much every token attends to the patch")
-    p.add_argument("--out", default="attention.png", help="tile grid PNG (default attention.png)")
-    p.add_argument("--npy", default=None, help="also write the raw (heads, N) values")
+    p.add_argument("--distance", action="store_true",
+                   help="mean attention distance of every head and layer: --out is a Plotly HTML page")
+    p.add_argument("--rollout", action="store_true",
+                   help="attention rollout of the patch (or --cls) up to --layer: --out is a map over the image")
+    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="--rollout: how heads are fused")
+    p.add_argument("--discard", type=float, default=0.0, help="--rollout: share of the lowest attention dropped")
+    p.add_argument("--out", default=None, help="tile grid PNG (default attention.png; distance.html, rollout.png)")
+    p.add_argument("--npy", default=None, help="also write the raw values ((heads, N); distance (layers, heads); "
+                                               "rollout (N,))")
     p.add_argument("--cmap", default="inferno", help="colormap (default inferno)")
     p.add_argument("--log", action="store_true", help="log contrast")
     p.add_argument("--shared", action="store_true", help="one colour scale for all heads")
@@ -672,10 +903,19 @@ def run_cli(args) -> int:
 
     if args.alpha < 0 or args.alpha > 1:
         raise AttentionError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if sum((args.column, args.distance, args.rollout)) > 1:
+        raise AttentionError("choose one of --column, --distance and --rollout")
     model = dpt_lab.load_model(args.model)
     rgb = imaging.load_image(args.image)
     x, meta = model.preprocess(rgb, base_size=args.base_size, keep_aspect=False if args.stretch else None)
     probe = capture(model, x)
+    if args.distance:
+        out = args.out or "distance.html"
+        distances = mean_distance(probe)
+        distance_figure(distances).write_html(out, include_plotlyjs=True, full_html=True)
+        written = [out] + _save_npy(args.npy, distances)
+        print(f"mean attention distance of {distances.shape[0]} layers: wrote {', '.join(written)}")
+        return 0
     layer = probe.num_layers if args.layer is None else args.layer
     if not 1 <= layer <= probe.num_layers:
         raise LayerError(f"--layer {layer} is out of range: this model has layers 1..{probe.num_layers}")
@@ -690,17 +930,31 @@ def run_cli(args) -> int:
         h, w = meta.image_size
         px, py = args.pixel if args.pixel is not None else ((w - 1) / 2, (h - 1) / 2)
         token = probe.token_at_pixel(meta, px, py, layer=layer)
+    where = "CLS" if token == probe.cls_token else "patch {} {}".format(*probe.patch_of(token, layer))
+    if args.rollout:
+        out = args.out or "rollout.png"
+        picture, values = rollout_view(probe, token, layer, rgb, head_fusion=args.head_fusion,
+                                       discard_ratio=args.discard, cmap=args.cmap, alpha=args.alpha)
+        Image.fromarray(picture).save(out)
+        written = [out] + _save_npy(args.npy, values)
+        print(f"rollout of {where} over layers {rollout_start(probe, layer) + 1}..{layer + 1}: wrote "
+              f"{', '.join(written)}")
+        return 0
+    out = args.out or "attention.png"
     tiles, values = attention_view(probe, layer, token, mode="column" if args.column else "row",
                                    log_contrast=args.log, shared_scale=args.shared, cmap=args.cmap,
                                    alpha=args.alpha, image=rgb if args.alpha > 0 else None, tile_px=args.tile_px)
-    Image.fromarray(tiles).save(args.out)
-    written = [args.out]
-    if args.npy:
-        np.save(args.npy, values.astype(np.float32))
-        written.append(args.npy)
-    where = "CLS" if token == probe.cls_token else "patch {} {}".format(*probe.patch_of(token, layer))
+    Image.fromarray(tiles).save(out)
+    written = [out] + _save_npy(args.npy, values)
     print(f"layer {layer + 1}/{probe.num_layers}, {where}, {'column' if args.column else 'row'}: wrote {', '.join(written)}")
     return 0
+
+
+def _save_npy(path, values) -> list:
+    if not path:
+        return []
+    np.save(path, np.asarray(values, dtype=np.float32))
+    return [path]
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,9 @@
 
     python -m dpt_lab depth IMAGE --model M --out depth.png [--png16] [--npy] [--cmap turbo]
     python -m dpt_lab attention IMAGE --model M --layer 9 --patch ROW,COL [--column] --out grid.png
+    python -m dpt_lab attention IMAGE --model M --distance --out distance.html
+    python -m dpt_lab attention IMAGE --model M --rollout --patch ROW,COL [--head-fusion max] --out rollout.png
+    python -m dpt_lab features IMAGE --model M --block 9 (--pca | --similar ROW,COL) --out map.png
     python -m dpt_lab norms IMAGE --model M --out norms.html [--csv norms.csv] [--threshold T]
     python -m dpt_lab fusion IMAGE --model M --scales 1,0.5,0,1 --out depth.png
     python -m dpt_lab mask IMAGE --model M --range 0.3,1.0 [--invert] [--plane 1.0] --out cutout.png [--mask mask.png]
@@ -25,7 +28,7 @@ from typing import Optional, Sequence
 from .errors import one_line
 
 #: subcommand modules, in the order --help lists them; export is optional (see _add)
-SUBCOMMANDS = ("depth", "attention", "norms", "fusion", "mask", "scene", "export")
+SUBCOMMANDS = ("depth", "attention", "features", "norms", "fusion", "mask", "scene", "export")
 EXIT_USER_ERROR = 2
 
 

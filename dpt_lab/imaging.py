@@ -38,7 +38,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -767,3 +767,56 @@ def save_npy(depth, path) -> None:
         a = a.astype(np.float32)
     with open(path, "wb") as f:
         np.save(f, a)
+
+
+# -- patches on the image ------------------------------------------------------------------
+LENS_QUERY = (0, 255, 255)      # the clicked patch
+LENS_SIMILAR = (255, 45, 85)    # the patches found for it
+
+
+def patch_box(image_size: tuple[int, int], grid: tuple[int, int], row: int, col: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) inclusive pixel box of patch (row, col) on an image of image_size
+    (h, w): the pixels whose centres patch_at_pixel maps to that patch."""
+    h, w = image_size
+    gh, gw = grid
+
+    def first(k, n, g):       # first pixel p with floor((2p + 1) * g / (2n)) >= k
+        return max(0, -(-(2 * k * n - g) // (2 * g)))
+
+    x0, x1 = first(col, w, gw), first(col + 1, w, gw) - 1
+    y0, y1 = first(row, h, gh), first(row + 1, h, gh) - 1
+    return x0, y0, max(x0, min(x1, w - 1)), max(y0, min(y1, h - 1))
+
+
+def lens_image(grid_values, image, *, cmap: str = "inferno", alpha: float = 0.5, vmin=None, vmax=None,
+               query: Optional[tuple[int, int]] = None, similar: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """(gh, gw) values (coloured with cmap over vmin..vmax) or (gh, gw, 3) colours in
+    [0, 1] over an H x W x 3 uint8 image, one colour per patch (each pixel takes its
+    patch's, as patch_at_pixel maps it), blended with the image by alpha (0 = the map
+    alone). The query patch is outlined in cyan, the `similar` ones in red."""
+    from PIL import Image, ImageDraw
+
+    arr = np.asarray(image, dtype=np.uint8)
+    h, w = arr.shape[:2]
+    values = np.asarray(grid_values, dtype=np.float32)
+    if values.ndim == 2:
+        colours = colorize(values, cmap, vmin=vmin, vmax=vmax)
+    elif values.ndim == 3 and values.shape[2] == 3:
+        colours = np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"expected (gh, gw) values or (gh, gw, 3) colours, got shape {values.shape}")
+    gh, gw = colours.shape[:2]
+    # each patch's run of pixels (pixel p belongs to patch floor((2p + 1) * g / (2n))): two repeats,
+    # memory copies, rather than a gather per pixel; PIL's blend does the rest in C
+    rows = np.bincount(np.minimum(((2 * np.arange(h) + 1) * gh) // (2 * h), gh - 1), minlength=gh)
+    cols = np.bincount(np.minimum(((2 * np.arange(w) + 1) * gw) // (2 * w), gw - 1), minlength=gw)
+    painted = Image.fromarray(np.ascontiguousarray(np.repeat(np.repeat(colours, rows, axis=0), cols, axis=1)))
+    a = float(min(max(alpha, 0.0), 1.0))
+    out = painted if a == 0 else Image.blend(painted, Image.fromarray(arr), a)
+    draw = ImageDraw.Draw(out)
+    lw = max(1, round(min(h, w) / 250))
+    for (r, c), colour in [(p, LENS_SIMILAR) for p in similar] + ([(query, LENS_QUERY)] if query is not None else []):
+        x0, y0, x1, y1 = patch_box((h, w), (gh, gw), int(r), int(c))
+        draw.rectangle([x0 - lw, y0 - lw, x1 + lw, y1 + lw], outline=(0, 0, 0), width=lw)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, min(lw, x1 - x0 + 1)))
+    return np.asarray(out)

@@ -87,6 +87,26 @@ class NormsResult:
 
 
 @dataclass
+class FeaturesResult:
+    image: np.ndarray               # display size: the lens over the image (query and top-k outlined)
+    values: np.ndarray              # (gh, gw, 3) PCA colours in [0, 1] or (gh, gw) similarities
+    token: Optional[int]            # similarity: the clicked token
+    patch: Optional[tuple[int, int]]
+    block: int                      # 1-based
+    text: str
+
+
+@dataclass
+class RolloutResult:
+    image: np.ndarray               # display size: the rollout over the image (query patch outlined)
+    values: np.ndarray              # (N,) summing to 1
+    token: int
+    patch: Optional[tuple[int, int]]
+    layer: int                      # 1-based
+    text: str
+
+
+@dataclass
 class FusionResult:
     scaled: Any                     # depth.DepthView
     unscaled: Any
@@ -124,6 +144,8 @@ class SessionState(TypedDict):
     base_size: Optional[int]
     keep_aspect: Optional[bool]
     click: Any                         # the last attention click: (x, y) in image pixels, "cls" or None
+    feature_click: Any                 # the last similarity click (Features tab), the same way
+    rollout_click: Any                 # the last rollout click (Rollout tab)
     display: Optional[np.ndarray]      # the image as served for clicking (longest side <= DISPLAY_MAX)
     picked: Optional[str]              # the model the picker last loaded (the app goes back to it)
     rendered: dict                     # tab -> the encode key it last showed (no re-render of the same)
@@ -132,7 +154,8 @@ class SessionState(TypedDict):
 def new_state() -> SessionState:
     """A session's state before its first image."""
     return SessionState(image=None, hash=None, name="image", model=None, base_size=None, keep_aspect=None,
-                        click=None, display=None, picked=None, rendered={})
+                        click=None, feature_click=None, rollout_click=None, display=None, picked=None,
+                        rendered={})
 
 
 def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):
@@ -221,13 +244,13 @@ class Lab:
                 key: tuple, progress: Optional[ProgressFn] = None) -> Entry:
         import torch
 
-        from . import attention
+        from . import features
 
         model = self.manager.get(model_name, progress)
         t0 = time.perf_counter()
         x, meta = model.preprocess(rgb, base_size, keep_aspect)
         with self.store.reserving(model_name, x.shape[-2] * x.shape[-1]), torch.inference_mode():
-            probe = attention.capture(model, x, norms=True)
+            probe = features.capture(model, x)      # attention q / k, norms and tokens: every lens
             depth = model.decode(probe.features)
         depth_image = model.postprocess(depth, meta)
         return Entry(key, model_name, model.info, meta, x, probe, depth, depth_image,
@@ -274,7 +297,7 @@ class Lab:
         same_image = new.get("hash") == digest.hexdigest()
         new.update(image=rgb, hash=digest.hexdigest(), name=stem, model=name, base_size=size, keep_aspect=keep)
         if not same_image:
-            new["click"] = None
+            new.update(click=None, feature_click=None, rollout_click=None)
         new["display"] = None
         entry = self.entry(session, new, progress)
         view = depth_mod.render(entry.depth_image, metric=bool(info.metric), cmap=cmap)
@@ -315,6 +338,25 @@ class Lab:
         y = _number(y, "y")
         return (x + 0.5) * w / dw - 0.5, (y + 0.5) * h / dh - 0.5
 
+    def _pick(self, state: dict, key: str, entry: Entry, probe, x, y, layer: int, cls=False) -> int:
+        """The token of `layer` under pixel (x, y) of the original image, or CLS; x, y None:
+        the last pick kept in state[key], else the image centre. The pick is kept there."""
+        h, w = state["image"].shape[:2]
+        if cls:
+            if probe.cls_token is None:
+                raise SessionError("this model has no class token (SwinV2): click a patch instead")
+            state[key] = "cls"
+            return probe.cls_token
+        if x is None or y is None:
+            last = state.get(key)
+            x, y = last if isinstance(last, tuple) else ((w - 1) / 2, (h - 1) / 2)
+        x = _number(x, "x")
+        y = _number(y, "y")
+        if not (-0.5 <= x < w - 0.5 and -0.5 <= y < h - 0.5):
+            raise SessionError(f"the click ({x:g}, {y:g}) is outside the {w}x{h} image")
+        state[key] = (float(x), float(y))
+        return probe.token_at_pixel(entry.meta, x, y, layer=layer)
+
     def attention_at(self, session: str, state: Optional[dict], x=None, y=None, layer=None, mode="row",
                      log_contrast=False, shared_scale=False, cmap="inferno", alpha=0.0, cls=False,
                      tile_px: int = 160) -> AttentionResult:
@@ -333,22 +375,7 @@ class Lab:
             raise SessionError(f"mode must be 'row' or 'column', got {mode!r}")
         cmap = _cmap(cmap)
         alpha = _number(alpha, "overlay alpha", lo=0.0, hi=1.0)
-        h, w = state["image"].shape[:2]
-        if cls:
-            if probe.cls_token is None:
-                raise SessionError("this model has no class token (SwinV2): click a patch instead")
-            token = probe.cls_token
-            state["click"] = "cls"
-        else:
-            if x is None or y is None:
-                last = state.get("click")
-                x, y = last if isinstance(last, tuple) else ((w - 1) / 2, (h - 1) / 2)
-            x = _number(x, "x")
-            y = _number(y, "y")
-            if not (-0.5 <= x < w - 0.5 and -0.5 <= y < h - 0.5):
-                raise SessionError(f"the click ({x:g}, {y:g}) is outside the {w}x{h} image")
-            token = probe.token_at_pixel(entry.meta, x, y, layer=l0)
-            state["click"] = (float(x), float(y))
+        token = self._pick(state, "click", entry, probe, x, y, l0, cls)
         disp = self.display_image(state)
         with self.store.using(entry):      # a column caches its layer's row normalisers
             tiles, values = attention.attention_view(
@@ -362,6 +389,97 @@ class Lab:
         text = (f"layer {layer}/{n_layers} · {probe.num_heads(l0)} heads · grid {grid[0]}x{grid[1]} · {where} · "
                 f"{'row: where it looks' if mode == 'row' else 'column: who looks at it'}{window}")
         return AttentionResult(tiles, marked, values, int(token), patch, layer, text)
+
+    # -- Features tab --------------------------------------------------------------------
+    def _block(self, probe, block, what="block") -> int:
+        n = probe.num_layers
+        return n if block is None or block == "" else _number(block, what, integer=True, lo=1, hi=n)
+
+    def features_view(self, session: str, state: Optional[dict], block=None, mode="pca", x=None, y=None,
+                      basis_block=None, foreground=False, top_k=5, alpha=0.35, cmap="inferno") -> FeaturesResult:
+        """A feature lens of `block` (1-based; None = the last) from the session's recorded
+        encode: mode "pca" (the first three principal components as RGB; basis_block fits
+        them on another block, foreground keeps the patches on the positive side of the
+        first) or "similarity" (cosine of the token under pixel (x, y) of the original image
+        with every patch, the top_k most similar outlined; x, y None: the last click, else the
+        image centre). The picture is at the display size. Never re-encodes."""
+        from . import features
+
+        entry = self.entry(session, state)
+        probe = entry.probe
+        block = self._block(probe, block)
+        b0 = block - 1
+        mode = str(mode or "pca").strip().lower()
+        if mode not in ("pca", "similarity"):
+            raise SessionError(f"mode must be 'pca' or 'similarity', got {mode!r}")
+        cmap = _cmap(cmap)
+        alpha = _number(alpha, "image alpha", lo=0.0, hi=1.0)
+        shown = self.display_image(state)
+        grid = probe.grid(b0)
+        with self.store.using(entry):      # the PCA fits are kept with the probe
+            if mode == "pca":
+                basis = None if basis_block in (None, "") else self._block(probe, basis_block, "basis block") - 1
+                values = probe.pca_rgb(b0, basis, foreground=bool(foreground))
+                ratio = probe.pca(b0 if basis is None else basis, foreground=bool(foreground)).explained_ratio
+                picture = features.lens_image(values, shown, alpha=alpha)
+                fitted = "this block" if basis in (None, b0) else f"block {basis + 1}"
+                text = (f"block {block}/{probe.num_layers} · grid {grid[0]}x{grid[1]} · PCA colours fitted on {fitted}"
+                        f"{' (foreground only)' if foreground else ''} · the three components explain "
+                        f"{', '.join(f'{float(r):.1%}' for r in ratio)} of the variance")
+                return FeaturesResult(picture, values, None, None, block, text)
+            token = self._pick(state, "feature_click", entry, probe, x, y, b0)
+            k = _number(top_k, "top-k", integer=True, lo=0, hi=100)
+            values = features.similarity_grid(probe, b0, token)
+            similar = [probe.patch_of(t, b0) for t in probe.most_similar(b0, token, k)]
+        patch = probe.patch_of(token, b0)
+        picture = features.lens_image(values, shown, cmap=cmap, alpha=alpha, query=patch, similar=similar)
+        text = (f"block {block}/{probe.num_layers} · grid {grid[0]}x{grid[1]} · cosine similarity to patch row "
+                f"{patch[0]}, col {patch[1]} · range {float(values.min()):.3f}..{float(values.max()):.3f}"
+                f"{f' · top {k} outlined in red' if k else ''}")
+        return FeaturesResult(picture, values, int(token), patch, block, text)
+
+    # -- Rollout tab ---------------------------------------------------------------------
+    def rollout_at(self, session: str, state: Optional[dict], x=None, y=None, layer=None, head_fusion="mean",
+                   discard_ratio=0.0, cls=False, alpha=0.35, cmap="inferno") -> RolloutResult:
+        """Attention rollout of the token under pixel (x, y) (or CLS) up to `layer` (1-based;
+        None = the last), as a map over the image at the display size."""
+        from . import attention
+
+        entry = self.entry(session, state)
+        probe = entry.probe
+        layer = self._block(probe, layer, "layer")
+        l0 = layer - 1
+        cmap = _cmap(cmap)
+        alpha = _number(alpha, "image alpha", lo=0.0, hi=1.0)
+        token = self._pick(state, "rollout_click", entry, probe, x, y, l0, cls)
+        try:
+            with self.store.using(entry):      # each layer's fused matrix is kept for these settings
+                picture, values = attention.rollout_view(probe, token, l0, self.display_image(state),
+                                                         head_fusion=head_fusion, discard_ratio=discard_ratio,
+                                                         cmap=cmap, alpha=alpha)
+        except attention.AttentionError as exc:
+            raise SessionError(str(exc)) from None
+        patch = probe.patch_of(token, l0)
+        start = attention.rollout_start(probe, l0) + 1
+        where = "CLS token" if patch is None else f"patch row {patch[0]}, col {patch[1]}"
+        cls_share = "" if probe.cls_token is None else f" · on CLS {float(values[probe.cls_token]):.1%}"
+        stage = " (this stage's blocks: SwinV2 rolls out within a stage)" if probe.is_windowed(l0) else ""
+        text = (f"rollout of {where} over layers {start}..{layer}{stage} · heads fused by "
+                f"{str(head_fusion).lower()}, {float(discard_ratio or 0):.0%} discarded{cls_share}")
+        return RolloutResult(picture, values, int(token), patch, layer, text)
+
+    def attention_distance(self, session: str, state: Optional[dict]):
+        """(Plotly figure, (layers, heads) distances, summary) of the mean attention distance."""
+        from . import attention
+
+        entry = self.entry(session, state)
+        with self.store.using(entry):      # computed once per encode
+            distances = attention.mean_distance(entry.probe)
+            figure = entry.cached("distance figure", lambda: attention.distance_figure(distances))
+        first, last = np.nanmean(distances[0]), np.nanmean(distances[-1])
+        text = (f"{distances.shape[0]} layers · mean over heads {first:.1f} px in layer 1, {last:.1f} px in layer "
+                f"{distances.shape[0]} (model input {entry.meta.input_size[1]}x{entry.meta.input_size[0]})")
+        return figure, distances, text
 
     # -- Block norms tab -----------------------------------------------------------------
     def norms_view(self, session: str, state: Optional[dict], threshold="auto", block=None,

@@ -6,6 +6,7 @@ tests/test_browser.py; many sessions at once: tests/test_concurrency.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -55,12 +56,15 @@ def test_startup_pick_and_endpoints(served):
     client, _, lab, model, _ = served
     assert model == "depth-anything-v2-small" and not lab.manager.untrained
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/depth", "/attention", "/norms", "/fusion", "/mask", "/scene3d", "/export"):
+    for name in ("/depth", "/attention", "/rollout", "/attention_distance", "/features", "/norms", "/fusion", "/mask",
+                 "/scene3d", "/export"):
         assert name in api
     params = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in api}
     assert params["/depth"] == ["image", "model", "base_size", "keep_aspect", "colormap"]
     assert params["/attention"][:3] == ["x", "y", "layer"]
     assert params["/fusion"][:4] == ["scale_1", "scale_2", "scale_3", "scale_4"]
+    assert params["/features"][:4] == ["block_v", "mode_v", "x", "y"]
+    assert params["/rollout"][:3] == ["x", "y", "layer_v"]
 
 
 def test_depth_image_size_and_16bit_png_equal_predict(served, depth_result):
@@ -107,6 +111,42 @@ def test_attention_click_gives_tiles_of_the_grid(served, depth_result):
     _, _, text, _, _ = client.predict(None, None, 12, "row", False, False, "inferno", 0, True, api_name="/attention")
     assert "CLS" in text
     assert lab.store.encodes == encodes
+
+
+def test_feature_lenses_come_from_the_recorded_encode(served, depth_result):
+    from dpt_lab import attention, features
+
+    client, _, lab, _, _ = served
+    (entry,) = lab.store.entries(client.session_hash)
+    probe = entry.probe
+    encodes = lab.store.encodes
+    picture, text, mode, x, y = client.predict(4, "pca", None, None, False, 12, False, 5, 0.0, "inferno",
+                                               api_name="/features")
+    assert rgb(picture).shape == (300, 451, 3) and mode == "pca" and "block 4/12" in text
+    expected = features.lens_image(probe.pca_rgb(3), lab.display_image({"image": rgb(ASSET), "display": None}),
+                                   alpha=0.0)
+    assert np.abs(rgb(picture).astype(int) - expected).max() <= 1
+    # similarity of the patch under (100, 50): its own patch is the brightest, the top 3 outlined
+    picture, text, mode, x, y = client.predict(9, "similarity", 100, 50, False, 12, False, 3, 0.0, "gray",
+                                               api_name="/features")
+    row, col = attention.patch_at_pixel(entry.meta, probe.grid(8), 100, 50)
+    assert f"patch row {row}, col {col}" in text and (x, y) == (100, 50)
+    sims = features.similarity_grid(probe, 8, probe.token_at(row, col))
+    assert sims[row, col] == pytest.approx(1.0, abs=1e-5)
+    # rollout of that patch sums to 1 over the image; the distance figure has a point per head
+    picture, text, _, _, plot, summary = client.predict(100, 50, 6, "max", 0.2, False, 0.0, "inferno",
+                                                        api_name="/rollout")
+    assert rgb(picture).shape == (300, 451, 3) and "over layers 1..6" in text and "max" in text
+    fig, dsummary = client.predict(api_name="/attention_distance")
+    ys = json.loads(fig["plot"])["data"][0]["y"]
+    ys = np.frombuffer(base64.b64decode(ys["bdata"]), dtype=ys["dtype"]) if isinstance(ys, dict) else np.asarray(ys)
+    assert len(ys) == 12 * probe.num_heads(0) and dsummary.startswith("12 layers")
+    np.testing.assert_allclose(np.sort(ys), np.sort(attention.mean_distance(probe).ravel()), rtol=1e-5)
+    assert lab.store.encodes == encodes
+    with pytest.raises(Exception, match="block must be between 1 and 12"):
+        client.predict(13, "pca", None, None, False, 12, False, 5, 0.0, "inferno", api_name="/features")
+    with pytest.raises(Exception, match="outside"):
+        client.predict(1000, 50, 6, "max", 0.2, False, 0.0, "inferno", api_name="/rollout")
 
 
 def test_norms_gives_figures_and_table(served, depth_result):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures import save_fixture_checkpoint
+from hf_reference import beit_hf, swin2_hf, windows_to_image
 
 import dpt_lab
 from dpt_lab import attention
@@ -175,30 +176,6 @@ def test_errors_are_typed(vits_probe):
 
 
 # -- BEiT ---------------------------------------------------------------------------------
-def beit_hf(folder, seed=0):
-    """A tiny random DPT-BEiT (4 x 4 native window, relative position bias per block)."""
-    import transformers
-    from hf_reference import randomize
-
-    backbone = transformers.BeitConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, use_relative_position_bias=True, use_absolute_position_embeddings=False,
-        reshape_hidden_states=False, out_indices=[1, 2, 3, 4], layer_scale_init_value=0.1,
-    )
-    config = transformers.DPTConfig(
-        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], reassemble_hidden_size=32,
-        fusion_hidden_size=16, readout_type="project", head_in_index=-1, add_projection=False,
-    )
-    torch.manual_seed(seed)
-    model = randomize(transformers.DPTForDepthEstimation(config), seed)
-    with torch.no_grad():   # randomize() leaves the tables small (~N(0, 1/heads)): give the bias some weight
-        for name, p in model.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                p.mul_(4.0)
-    model.save_pretrained(folder)
-    return transformers.DPTForDepthEstimation.from_pretrained(folder, attn_implementation="eager").eval()
-
-
 @pytest.fixture(scope="module")
 def beit_pair(tmp_path_factory):
     pytest.importorskip("transformers")
@@ -225,42 +202,6 @@ def test_beit_rows_match_transformers(beit_pair, size):
 
 
 # -- SwinV2 -------------------------------------------------------------------------------
-def swin2_hf(folder, seed=0):
-    """A tiny random DPT-SwinV2: 64 px native input, patch 4, window 4; stage grids at
-    64 x 128 are 16x32, 8x16, 4x8, 2x4, windows 4, 4, 4, 2; stages 0 and 1 shift their
-    second block by 2 (no padding anywhere, where transformers and DPT Lab agree)."""
-    import transformers
-    from hf_reference import randomize
-
-    backbone = transformers.Swinv2Config(
-        image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[2, 2, 4, 4], window_size=4,
-        out_features=["stage1", "stage2", "stage3", "stage4"], pretrained_window_sizes=[0, 0, 0, 0],
-    )
-    config = transformers.DPTConfig(
-        backbone_config=backbone, neck_hidden_sizes=[16, 32, 64, 128], fusion_hidden_size=32,
-        head_in_index=-1, add_projection=False, readout_type="project", reassemble_hidden_size=16,
-    )
-    torch.manual_seed(seed)
-    randomize(transformers.DPTForDepthEstimation(config), seed).save_pretrained(folder)
-    return transformers.DPTForDepthEstimation.from_pretrained(folder, attn_implementation="eager").eval()
-
-
-def windows_to_image(win_attn: torch.Tensor, grid, window: int, shift: int) -> torch.Tensor:
-    """transformers' (windows, heads, w^2, w^2) attention of a block that rolled its grid by
-    -shift -> (heads, N, N) over the stage grid's own row-major positions."""
-    h, w = grid
-    heads = win_attn.shape[1]
-    full = torch.zeros(heads, h * w, h * w)
-    per_row = w // window
-    for win in range(win_attn.shape[0]):
-        top, left = (win // per_row) * window, (win % per_row) * window
-        pos = torch.arange(window * window)
-        rolled_r, rolled_c = top + pos // window, left + pos % window
-        tokens = ((rolled_r + shift) % h) * w + (rolled_c + shift) % w      # undo the roll
-        full[:, tokens[:, None], tokens[None, :]] = win_attn[win]
-    return full
-
-
 @pytest.mark.skipif(not HAS_SWIN2, reason="dpt_lab.encoders.swin2 is not there yet")
 def test_swin2_rows_match_transformers(tmp_path):
     pytest.importorskip("transformers")

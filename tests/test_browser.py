@@ -79,11 +79,11 @@ def download(page, selector: str, folder: Path, timeout_ms: int = TIMEOUT_MS) ->
     return path
 
 
-def shot(page, name: str) -> Path:
+def shot(page, name: str, full_page: bool = False) -> Path:
     """Save the tab's screenshot; the page must show no error message (Gradio's toasts)."""
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.png"
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), full_page=full_page)
     toasts = page.locator(".toast-body").all_inner_texts()
     assert not toasts, toasts
     return path
@@ -344,6 +344,76 @@ def test_a_burst_of_clicks_ends_on_the_last_clicks_tiles(browser_page):
     ref = lab.attention_at(browser_session(server), session_state(server), px, py, 12, "row", False, False,
                            "inferno", 0.0, False)
     assert_shown(img_pixels(page, "#attention-tiles"), ref.tiles)
+    assert not errors, errors
+
+
+def settled_box(page, selector: str) -> dict:
+    """The bounding box of a freshly mounted tab's decoded image, once it stops moving."""
+    page.wait_for_function("(s) => { const e = document.querySelector(s); "
+                           "return e && e.complete && e.naturalWidth > 0; }", arg=f"{selector} img")
+    img = page.locator(f"{selector} img")
+    box = None
+    while box != (box := img.bounding_box()):
+        page.wait_for_timeout(100)
+    return box
+
+
+def test_features_tab_pca_then_similarity_by_click_and_by_hover(browser_page):
+    from dpt_lab import attention
+
+    page, server, errors = browser_page
+    lab = server.lab
+    page.get_by_role("tab", name="Features").click()
+    wait_text(page, "#features-info", "PCA colours fitted on this block")
+    session, state = browser_session(server), session_state(server)
+    ref = lab.features_view(session, dict(state), 12, "pca", alpha=0.35)
+    assert_shown(img_pixels(page, "#features-image"), ref.image)
+    shot(page, "features_pca")
+    (entry,) = lab.store.entries(session)
+    grid = entry.probe.grid(11)
+    box = settled_box(page, "#features-image")
+
+    def patch(fx, fy):
+        return attention.patch_at_pixel(entry.meta, grid, fx * 451 - 0.5, fy * 300 - 0.5)
+
+    page.mouse.click(box["x"] + 0.3 * box["width"], box["y"] + 0.4 * box["height"])    # a click: similarity
+    row, col = patch(0.3, 0.4)
+    wait_text(page, "#features-info", f"cosine similarity to patch row {row}, col {col}")
+    assert page.locator("#features-mode input[value=similarity]").is_checked()
+    page.locator("#features-hover input").check()
+    points = [(0.15 + 0.17 * i, 0.8 - 0.14 * i) for i in range(5)]    # the pointer moves, no clicks
+    for fx, fy in points:
+        page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+    fx, fy = points[-1]
+    row, col = patch(fx, fy)
+    text = settled_text(page, "#features-info", f"cosine similarity to patch row {row}, col {col}")
+    assert f"patch row {row}, col {col}" in text
+    ref = lab.features_view(session, dict(state), 12, "similarity", fx * 451 - 0.5, fy * 300 - 0.5, alpha=0.35)
+    assert_shown(img_pixels(page, "#features-image"), ref.image)
+    page.mouse.move(0, 0)
+    page.locator("#features-hover input").uncheck()
+    shot(page, "features_similarity")
+    assert not errors, errors
+
+
+def test_rollout_tab_draws_the_map_and_the_distance_of_every_head(browser_page):
+    from dpt_lab import attention
+
+    page, server, errors = browser_page
+    lab = server.lab
+    page.get_by_role("tab", name="Rollout · distance").click()
+    wait_text(page, "#rollout-info", "rollout of patch row")
+    page.wait_for_selector("#distance-plot .js-plotly-plot")
+    page.wait_for_function("() => document.querySelectorAll('#distance-plot .scatterlayer .point').length >= 72")
+    session, state = browser_session(server), session_state(server)
+    (entry,) = lab.store.entries(session)
+    box = settled_box(page, "#rollout-image")
+    page.mouse.click(box["x"] + 0.7 * box["width"], box["y"] + 0.25 * box["height"])
+    row, col = attention.patch_at_pixel(entry.meta, entry.probe.grid(11), 0.7 * 451 - 0.5, 0.25 * 300 - 0.5)
+    wait_text(page, "#rollout-info", f"rollout of patch row {row}, col {col} over layers 1..12")
+    ref = lab.rollout_at(session, dict(state), 0.7 * 451 - 0.5, 0.25 * 300 - 0.5, 12, "mean", 0.0)
+    assert_shown(img_pixels(page, "#rollout-image"), ref.image)
+    shot(page, "rollout", full_page=True)
     assert not errors, errors
 
 

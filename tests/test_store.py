@@ -161,9 +161,9 @@ def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     lab.store.max_bytes = lab.store.nbytes + need - 1                # both fit, but not with a working set too
 
     seen = {}
-    from dpt_lab import attention
+    from dpt_lab import features
 
-    real = attention.capture
+    real = features.capture
 
     def watching(model, x, **kw):
         with lab.store._lock:
@@ -172,7 +172,7 @@ def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
             seen["sessions"] = {s for s, _ in lab.store._entries}
         return real(model, x, **kw)
 
-    monkeypatch.setattr(attention, "capture", watching)
+    monkeypatch.setattr(features, "capture", watching)
     lab.depth_view("c", None, picture(22), S.RANDOM_MODEL, BASE)
     assert seen["reserved"] == need > 0
     assert seen["kept"] + seen["reserved"] <= lab.store.max_bytes

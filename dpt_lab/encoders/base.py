@@ -31,6 +31,12 @@ class Record:
 
     norms: bool = False       # L2 norm of every token of the residual stream after each block
     attention: bool = False   # each block's attention inputs (q, k, bias), enough for any row
+    tokens: bool = False      # the residual stream after each block, (B, N, C): the feature lenses
+
+    @property
+    def keeps_blocks(self) -> bool:
+        """Whether the pass keeps a BlockRecord per block."""
+        return self.norms or self.attention or self.tokens
 
 
 @dataclass
@@ -68,6 +74,7 @@ class BlockRecord:
     grid: tuple[int, int]                     # patch grid this block's tokens live on
     has_cls: bool
     token_norms: Optional[Tensor] = None      # (B, N) L2 norm after the block (CLS first)
+    tokens: Optional[Tensor] = None           # (B, N, C) the residual stream after the block (CLS first)
     q: Optional[Tensor] = None                # (B, heads, N, d)
     k: Optional[Tensor] = None                # (B, heads, N, d)
     scale: Optional[Tensor | float] = None    # float, or (heads, 1, 1) tensor (SwinV2 logit scale)
@@ -98,12 +105,14 @@ def _owns_storage(t: Tensor) -> bool:
 
 
 def keep_record(record: "Record", rec: BlockRecord, tokens: Tensor, blocks: list) -> None:
-    """After a block has run: its token norms if asked for, its q / k compacted right away
+    """After a block has run: its token norms and output tokens if asked for, its q / k compacted right away
     (so the pass holds about what the attention tool keeps, not every block's qkv output),
     and the record appended to `blocks`. Done inside the encoder's loop, not by forward
     hooks: hooks on a shared model would reach other threads' passes."""
     if record.norms:
         rec.token_norms = token_norms(tokens)
+    if record.tokens:       # the block's own output tensor: nothing later writes into it
+        rec.tokens = tokens.detach()
     if record.attention:
         rec.compact()
     blocks.append(rec)

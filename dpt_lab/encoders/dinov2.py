@@ -139,7 +139,7 @@ class DinoV2Encoder(nn.Module):
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         tokens = tokens + self.position_embedding(gh, gw)
 
-        keep_blocks = record.norms or record.attention
+        keep_blocks = record.keeps_blocks
         blocks: list[BlockRecord] | None = [] if keep_blocks else None
         taps = []
         last = len(self.blocks) - 1 if keep_blocks else max(self.cfg.taps)

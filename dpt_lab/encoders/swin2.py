@@ -392,7 +392,7 @@ class Swin2Encoder(nn.Module):
         grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
         tokens = self.patch_embed.norm(fastpath.patch_tokens(self.patch_embed.proj, x))
 
-        keep = record.norms or record.attention
+        keep = record.keeps_blocks
         blocks: list[BlockRecord] | None = [] if keep else None
         maps = []
         for stage, layouts in zip(self.stages, self.layouts(grid)):
@@ -458,3 +458,23 @@ def window_of(record: BlockRecord, token: int) -> list[int]:
     pos, keys, regions = _query_window(layout, token, None)
     keep = (keys >= 0) & (regions == regions[pos])
     return sorted(int(t) for t in keys[keep])
+
+
+def window_probs(record: BlockRecord, batch: int = 0, windows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+    """Every window's attention probabilities, as the block computed them: ((nW, heads, n, n)
+    float32 over the window positions, (nW, n) long stage-grid token at each position, -1
+    for padding) for the windows in `windows`. Rows of padded positions are not queries
+    of the block: callers drop them."""
+    if record.q is None or record.window is None:
+        raise ValueError("window_probs needs a SwinV2 block recorded with Record(attention=True)")
+    layout = record.window
+    q, k = record.q[batch], record.k[batch]                     # (heads, N, d)
+    key = (layout.window, layout.shift, layout.grid, layout.padded, str(q.device))
+    tokens = _cached(("tokens",) + key, lambda: window_tokens(layout, q.device))[windows]
+    mask = _cached(("mask",) + key, lambda: window_mask(layout, q.device))[windows]
+    gather = tokens.clamp(min=0)
+    scale = record.scale if torch.is_tensor(record.scale) else torch.tensor(float(record.scale))
+    qw = q[:, gather].float() * scale.reshape(-1, 1, 1, 1).float()     # (heads, nW, n, d)
+    kw = k[:, gather].float()
+    logits = torch.einsum("hwqd,hwkd->whqk", qw, kw) + record.window_bias.float()[None] + mask[:, None]
+    return torch.softmax(logits, dim=-1), tokens

@@ -7,35 +7,26 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
-from .base import MODEL_EVENT, Context, Tab, has_image, mark_rendered, page_image, sid, skips, user_error, user_errors
+from .base import (
+    MODEL_EVENT,
+    Context,
+    Tab,
+    has_image,
+    mark_rendered,
+    page_image,
+    pick_field,
+    picked_pixel,
+    sid,
+    skips,
+    user_error,
+    user_errors,
+)
 
 ID, TITLE = "attention", "Attention"
 
-# Run by the page on load (app.py passes it to launch). A click on the image is taken at
-# pointerdown, in the capture phase: the pixel of the served image under the pointer, computed
-# as Gradio's image computes a select event's index (object-fit contain, never scaled above 1,
-# rounded), written into the hidden #attention-clicked textbox with a count (so that a second
-# click on the same pixel is still a change). Gradio's own select event is not used: it fires
-# on "click", which the browser drops when the <img> is swapped for the next marked one
-# between the press and the release (a burst of clicks lost its last one that way), and a
-# deferred select re-runs with its first event's data.
-PAGE_JS = """
-document.addEventListener("pointerdown", (ev) => {
-  if (ev.button !== 0) return;
-  const box = ev.target instanceof Element ? ev.target.closest("#attention-image") : null;
-  const img = box ? box.querySelector("img") : null;
-  const field = document.querySelector("#attention-clicked textarea, #attention-clicked input");
-  if (!img || !img.naturalWidth || !field) return;
-  const r = img.getBoundingClientRect();
-  const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight, 1);
-  const ox = (r.width - img.naturalWidth * s) / 2, oy = (r.height - img.naturalHeight * s) / 2;
-  const x = Math.round((ev.clientX - r.left - ox) / s), y = Math.round((ev.clientY - r.top - oy) / s);
-  if (x < 0 || y < 0 || x >= img.naturalWidth || y >= img.naturalHeight) return;
-  window.dptLabClicks = (window.dptLabClicks || 0) + 1;
-  field.value = `${x},${y},${window.dptLabClicks}`;
-  field.dispatchEvent(new Event("input", {bubbles: true}));
-}, true);
-"""
+# Clicks (and, with "follow the pointer", moves) reach the server through a hidden textbox
+# written by the page's script: see base.PICK_JS and PICKERS.
+PICKER = ("attention-image", "attention-clicked", "attention-hover")
 
 
 def build(ctx: Context) -> Tab:
@@ -53,6 +44,7 @@ def build(ctx: Context) -> Tab:
                 log_c = gr.Checkbox(False, label="log contrast")
                 shared = gr.Checkbox(False, label="one scale for all heads")
                 cls_cb = gr.Checkbox(False, label="CLS token")
+            gr.Checkbox(False, label="follow the pointer (hover)", elem_id=PICKER[2])
             acmap = gr.Dropdown(list(S.COLORMAPS), value="inferno", label="Colormap")
             alpha = gr.Slider(0, 1, value=0.0, step=0.05, label="Image under the maps (alpha)")
             with gr.Accordion("Exact position (pixels of the original image)", open=False):
@@ -86,12 +78,10 @@ def build(ctx: Context) -> Tab:
 
     @user_errors
     def do_click(clicked_v, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, st, request: gr.Request):
-        if not clicked_v:
+        picked = picked_pixel(lab, st, clicked_v)
+        if picked is None:
             return skips(len(outputs))
-        if not has_image(st):
-            raise user_error("no image yet: run the Depth tab on an image first")
-        dx, dy, _ = (float(v) for v in clicked_v.split(","))
-        x, y = lab.display_to_image(st, dx, dy)
+        x, y = picked
         return render(st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, False, request)
 
     @user_errors
@@ -103,12 +93,9 @@ def build(ctx: Context) -> Tab:
     controls = [layer, mode, log_c, shared, acmap, alpha]
     attn_btn.click(do_attention, [ax, ay, *controls, cls_cb, ctx.state], outputs, api_name="attention",
                    preprocess=False, **MODEL_EVENT)
-    # A burst of clicks must end on the last click's tiles: the page script (PAGE_JS) writes each
-    # click into this hidden value, and its .change renders, always_last (a deferred run reads
-    # the components afresh, so it is the latest click). Hidden by CSS, not visible=False, so
-    # that its field is in the page for the script.
-    clicked = gr.Textbox("", show_label=False, container=False, elem_id="attention-clicked",
-                         elem_classes=["dpt-offscreen"])
+    # A burst of clicks (or moves) must end on the last one's tiles: .change of the hidden value
+    # runs always_last (a deferred run reads the components afresh: the latest position).
+    clicked = pick_field(PICKER)
     clicked.change(do_click, [clicked, *controls, ctx.state], outputs, api_visibility="private",
                    trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
     gr.on([layer.change, mode.change, log_c.change, shared.change, acmap.change, alpha.release, cls_cb.change],

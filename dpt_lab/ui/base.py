@@ -125,6 +125,80 @@ def has_image(st) -> bool:
     return bool(st) and st.get("image") is not None
 
 
+# -- picking a patch in the page ----------------------------------------------------------
+HOVER_MS = 40       # at most one pointer position per 40 ms goes to the server (the last one always does)
+
+# Run by the page on load (app.py passes it to launch, with the PICKERS of every tab). A click on
+# a picker's image is taken at pointerdown, in the capture phase: the pixel of the served image
+# under the pointer, computed as Gradio's image computes a select event's index (object-fit
+# contain, never scaled above 1, rounded), written into the picker's hidden textbox with a count
+# (so a second click on the same pixel is still a change). With the picker's hover checkbox on,
+# pointer moves are written the same way, throttled, the last one always. Gradio's own select
+# event is not used: it fires on "click", which the browser drops when the <img> is swapped for
+# the next picture between the press and the release (a burst of clicks lost its last one that
+# way), and a deferred select re-runs with its first event's data.
+PICK_JS = """
+const dptPick = (ev, hover) => {
+  if (!(ev.target instanceof Element)) return;
+  for (const [boxId, fieldId, hoverId] of PICKERS) {
+    const box = ev.target.closest("#" + boxId);
+    if (!box) continue;
+    if (hover) {
+      const cb = hoverId ? document.querySelector(`#${hoverId} input[type=checkbox]`) : null;
+      if (!cb || !cb.checked) return;
+    }
+    const img = box.querySelector("img");
+    const field = document.querySelector(`#${fieldId} textarea, #${fieldId} input`);
+    if (!img || !img.naturalWidth || !field) return;
+    const r = img.getBoundingClientRect();
+    const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight, 1);
+    const ox = (r.width - img.naturalWidth * s) / 2, oy = (r.height - img.naturalHeight * s) / 2;
+    const x = Math.round((ev.clientX - r.left - ox) / s), y = Math.round((ev.clientY - r.top - oy) / s);
+    if (x < 0 || y < 0 || x >= img.naturalWidth || y >= img.naturalHeight) return;
+    const write = () => {
+      window.dptLabClicks = (window.dptLabClicks || 0) + 1;
+      field.value = `${x},${y},${window.dptLabClicks}`;
+      field.dispatchEvent(new Event("input", {bubbles: true}));
+    };
+    if (!hover) { write(); return; }
+    const st = ((window.dptHover = window.dptHover || {})[boxId] = window.dptHover[boxId] || {t: 0, timer: 0});
+    clearTimeout(st.timer);
+    const wait = st.t + HOVER_MS - performance.now();
+    const now = () => { st.t = performance.now(); write(); };
+    if (wait <= 0) now(); else st.timer = setTimeout(now, wait);
+    return;
+  }
+};
+document.addEventListener("pointerdown", (ev) => { if (ev.button === 0) dptPick(ev, false); }, true);
+document.addEventListener("pointermove", (ev) => { if (ev.buttons === 0) dptPick(ev, true); }, true);
+"""
+
+
+def page_script(pickers) -> str:
+    """The page's script (launch(js=...)): PICK_JS over these (image id, field id, hover id) pickers."""
+    import json
+
+    return ("() => {const PICKERS = " + json.dumps([list(p) for p in pickers]) + f"; const HOVER_MS = {HOVER_MS};"
+            + PICK_JS + "}")
+
+
+def pick_field(picker) -> gr.Textbox:
+    """The hidden textbox a picker's image writes "x,y,count" into (display pixels). Hidden by
+    CSS, not visible=False, so that its field is in the page for the script."""
+    return gr.Textbox("", show_label=False, container=False, elem_id=picker[1], elem_classes=["dpt-offscreen"])
+
+
+def picked_pixel(lab: S.Lab, st, clicked_v) -> Optional[tuple[float, float]]:
+    """The pixel of the original image a picker's "x,y,count" value names (None: nothing
+    picked yet); a user error before any image is encoded."""
+    if not clicked_v:
+        return None
+    if not has_image(st):
+        raise user_error("no image yet: run the Depth tab on an image first")
+    dx, dy, _ = (float(v) for v in clicked_v.split(","))
+    return lab.display_to_image(st, dx, dy)
+
+
 # -- what a tab is built from, and what it gives back -------------------------------------
 @dataclass
 class Context:
