@@ -5,7 +5,7 @@
 
 Each tab is a module of dpt_lab/ui (its components, handlers and API names); the work is
 in dpt_lab.session. API endpoints (gradio_client, the "Use via API" page): /depth,
-/attention, /rollout, /attention_distance, /features, /norms, /norms_files, /fusion,
+/attention, /rollout, /attention_distance, /features, /norms, /norms_files, /ablation, /fusion,
 /fusion_files, /mask, /scene3d, /export. /depth must run first in
 a session: the other endpoints work on the image it encoded (kept per session, dropped on
 unload).
@@ -21,10 +21,10 @@ import gradio as gr
 from dpt_lab import memory
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
-from dpt_lab.ui import attention, depth, export, features, fusion, mask, norms, rollout, scene3d
+from dpt_lab.ui import ablation, attention, depth, export, features, fusion, mask, norms, rollout, scene3d
 from dpt_lab.ui.base import Context, page_script, sid, wire_refreshes
 
-TABS = (depth, attention, rollout, features, norms, fusion, mask, scene3d, export)    # the page's tabs, in order
+TABS = (depth, attention, rollout, features, norms, ablation, fusion, mask, scene3d, export)    # the page's tabs, in order
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 MAX_FILE_SIZE = "50mb"
@@ -33,7 +33,7 @@ JS = page_script([m.PICKER for m in TABS if hasattr(m, "PICKER")])   # run by th
 CSS = """
 .dpt-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}
 .dpt-offscreen {display: none !important;}
-#attention-image img, #features-image img, #rollout-image img {cursor: crosshair;}
+#attention-image img, #features-image img, #rollout-image img, #ablation-image img {cursor: crosshair;}
 """
 
 

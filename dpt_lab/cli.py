@@ -6,6 +6,7 @@
     python -m dpt_lab attention IMAGE --model M --rollout --patch ROW,COL [--head-fusion max] --out rollout.png
     python -m dpt_lab features IMAGE --model M --block 9 (--pca | --similar ROW,COL) --out map.png
     python -m dpt_lab norms IMAGE --model M --out norms.html [--csv norms.csv] [--threshold T]
+    python -m dpt_lab ablate IMAGE --model M --block 12 [--tokens auto | --patches R,C;R,C] --mode neighbours --out diff.png
     python -m dpt_lab fusion IMAGE --model M --scales 1,0.5,0,1 --out depth.png
     python -m dpt_lab mask IMAGE --model M --range 0.3,1.0 [--invert] [--plane 1.0] --out cutout.png [--mask mask.png]
     python -m dpt_lab scene IMAGE --model M --out scene.glb [--ply scene.ply] [--fov 60 | --focal PX] [--points]
@@ -27,8 +28,8 @@ from typing import Optional, Sequence
 
 from .errors import one_line
 
-#: subcommand modules, in the order --help lists them; export is optional (see _add)
-SUBCOMMANDS = ("depth", "attention", "features", "norms", "fusion", "mask", "scene", "export")
+#: subcommand modules, in the order --help lists them (each registers its command); export is optional (see _add)
+SUBCOMMANDS = ("depth", "attention", "features", "norms", "ablation", "fusion", "mask", "scene", "export")
 EXIT_USER_ERROR = 2
 
 
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpt_lab {__version__}")
     parser.add_argument("--weights-dir", default=None, metavar="DIR",
                         help="local weights folder (default: $DPT_LAB_WEIGHTS or ./model_weights)")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    sub = parser.add_subparsers(dest="command")
     missing = [m for m in (_add(sub, name) for name in SUBCOMMANDS) if m]
+    sub.metavar = "{" + ",".join(sub.choices) + "}"      # the commands' names (ablation.py adds `ablate`)
     if missing:
         parser.epilog += " Not available here: " + "; ".join(missing) + "."
     return parser

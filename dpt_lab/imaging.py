@@ -794,8 +794,6 @@ def lens_image(grid_values, image, *, cmap: str = "inferno", alpha: float = 0.5,
     [0, 1] over an H x W x 3 uint8 image, one colour per patch (each pixel takes its
     patch's, as patch_at_pixel maps it), blended with the image by alpha (0 = the map
     alone). The query patch is outlined in cyan, the `similar` ones in red."""
-    from PIL import Image, ImageDraw
-
     arr = np.asarray(image, dtype=np.uint8)
     h, w = arr.shape[:2]
     values = np.asarray(grid_values, dtype=np.float32)
@@ -813,10 +811,25 @@ def lens_image(grid_values, image, *, cmap: str = "inferno", alpha: float = 0.5,
     painted = Image.fromarray(np.ascontiguousarray(np.repeat(np.repeat(colours, rows, axis=0), cols, axis=1)))
     a = float(min(max(alpha, 0.0), 1.0))
     out = painted if a == 0 else Image.blend(painted, Image.fromarray(arr), a)
-    draw = ImageDraw.Draw(out)
-    lw = max(1, round(min(h, w) / 250))
-    for (r, c), colour in [(p, LENS_SIMILAR) for p in similar] + ([(query, LENS_QUERY)] if query is not None else []):
-        x0, y0, x1, y1 = patch_box((h, w), (gh, gw), int(r), int(c))
-        draw.rectangle([x0 - lw, y0 - lw, x1 + lw, y1 + lw], outline=(0, 0, 0), width=lw)
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, min(lw, x1 - x0 + 1)))
+    _outline(out, (gh, gw), [(p, LENS_SIMILAR) for p in similar] + ([(query, LENS_QUERY)] if query is not None else []))
     return np.asarray(out)
+
+
+def outline_patches(image, grid: tuple[int, int], patches, colour=LENS_SIMILAR) -> np.ndarray:
+    """A copy of an H x W x 3 uint8 image with the patches ((row, col) of `grid`) outlined."""
+    out = Image.fromarray(np.array(image, dtype=np.uint8))
+    _outline(out, grid, [(p, colour) for p in patches])
+    return np.asarray(out)
+
+
+def _outline(picture, grid, boxes) -> None:
+    """Outline ((row, col), colour) patch boxes on a PIL image, in place (a black rim under each)."""
+    from PIL import ImageDraw
+
+    w, h = picture.size
+    draw = ImageDraw.Draw(picture)
+    lw = max(1, round(min(h, w) / 250))
+    for (r, c), colour in boxes:
+        x0, y0, x1, y1 = patch_box((h, w), grid, int(r), int(c))
+        draw.rectangle([x0 - lw, y0 - lw, x1 + lw, y1 + lw], outline=(0, 0, 0), width=lw)
+        draw.rectangle([x0, y0, x1, y1], outline=tuple(colour), width=max(1, min(lw, x1 - x0 + 1)))

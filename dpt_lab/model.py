@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import fastpath
 from .decoder import DPTDecoder
-from .encoders.base import EncoderFeatures, Record
+from .encoders.base import EncoderFeatures, Record, Resume
 from .families import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - importable from here as before
 
 
@@ -101,14 +101,17 @@ class DepthModel(nn.Module):
         """The fast path packs this model's weights only if it is small (fastpath.packs)."""
         return fastpath.packing(fastpath.packs(self))
 
-    def encode(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
+    def encode(self, x: Tensor, record: Record = Record(), resume: Optional[Resume] = None) -> EncoderFeatures:
+        """The encoder's four tapped maps (and, as `record` asks, per-block records). With
+        `resume` (encoders.base.Resume) it runs only blocks resume.start.. from an earlier
+        pass's records; x then only gives the input size."""
         tile = self.info.tile
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a B x 3 x H x W tensor, got {tuple(x.shape)}")
         if x.shape[-2] % tile or x.shape[-1] % tile:
             raise ValueError(f"input height and width must be multiples of {tile}, got {tuple(x.shape[-2:])}")
         with self._packing():
-            return self.encoder(x, record)
+            return self.encoder(x, record) if resume is None else self.encoder(x, record, resume)
 
     def decode(self, feats: EncoderFeatures, fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
         """Depth (B x H x W) from encoder features; `fusion_scales` multiply the four

@@ -107,6 +107,20 @@ class RolloutResult:
 
 
 @dataclass
+class AblationView:
+    ablated: Any                    # depth.DepthView of the ablated depth (the image's size)
+    original: Any                   # depth.DepthView of the session's depth
+    difference: np.ndarray          # ablated - original, coloured (spectral, 0 = the middle)
+    marked: np.ndarray              # display size: the chosen patches outlined
+    figure: Any                     # Plotly: attention share on the patches, before / after
+    patches: list                   # (row, col) on the block's grid
+    block: int                      # 1-based
+    depth: np.ndarray               # H x W float32, ablated
+    share: np.ndarray               # (layers, 2)
+    text: str
+
+
+@dataclass
 class FusionResult:
     scaled: Any                     # depth.DepthView
     unscaled: Any
@@ -146,6 +160,7 @@ class SessionState(TypedDict):
     click: Any                         # the last attention click: (x, y) in image pixels, "cls" or None
     feature_click: Any                 # the last similarity click (Features tab), the same way
     rollout_click: Any                 # the last rollout click (Rollout tab)
+    ablation_click: Any                # the last patch clicked on the Ablation tab
     display: Optional[np.ndarray]      # the image as served for clicking (longest side <= DISPLAY_MAX)
     picked: Optional[str]              # the model the picker last loaded (the app goes back to it)
     rendered: dict                     # tab -> the encode key it last showed (no re-render of the same)
@@ -154,7 +169,8 @@ class SessionState(TypedDict):
 def new_state() -> SessionState:
     """A session's state before its first image."""
     return SessionState(image=None, hash=None, name="image", model=None, base_size=None, keep_aspect=None,
-                        click=None, feature_click=None, rollout_click=None, display=None, picked=None,
+                        click=None, feature_click=None, rollout_click=None, ablation_click=None, display=None,
+                        picked=None,
                         rendered={})
 
 
@@ -220,6 +236,16 @@ def _display(rgb: np.ndarray) -> np.ndarray:
 
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+
+
+def _compact(result, model, meta) -> dict:
+    """What the Ablation tab keeps of an ablation.AblationResult: its depth at the image's size,
+    the shares and their figure, the two mean differences; not the re-run's records."""
+    from . import ablation
+
+    return {"depth": model.postprocess(result.depth, meta), "share": result.attention_share,
+            "figure": ablation.share_figure(result), "near": result.delta_near, "elsewhere": result.delta_elsewhere,
+            "rerun_s": result.rerun_s}
 
 
 def _latest(entry: Entry, kind: str, params, make):
@@ -297,7 +323,7 @@ class Lab:
         same_image = new.get("hash") == digest.hexdigest()
         new.update(image=rgb, hash=digest.hexdigest(), name=stem, model=name, base_size=size, keep_aspect=keep)
         if not same_image:
-            new.update(click=None, feature_click=None, rollout_click=None)
+            new.update(click=None, feature_click=None, rollout_click=None, ablation_click=None)
         new["display"] = None
         entry = self.entry(session, new, progress)
         view = depth_mod.render(entry.depth_image, metric=bool(info.metric), cmap=cmap)
@@ -480,6 +506,90 @@ class Lab:
         text = (f"{distances.shape[0]} layers · mean over heads {first:.1f} px in layer 1, {last:.1f} px in layer "
                 f"{distances.shape[0]} (model input {entry.meta.input_size[1]}x{entry.meta.input_size[0]})")
         return figure, distances, text
+
+    # -- Ablation tab --------------------------------------------------------------------
+    def ablation_patches(self, session: str, state: Optional[dict], block=None, source="outliers", patches="",
+                         threshold="auto") -> tuple[int, list]:
+        """(1-based block, the chosen patches on its grid): the norms' outliers (source
+        "outliers", with the norms tab's threshold) or the given 'R,C; R,C' patches."""
+        from . import ablation, norms
+
+        entry = self.entry(session, state)
+        probe = entry.probe
+        block = self._block(probe, block)
+        source = str(source or "outliers").strip().lower()
+        if source not in ("outliers", "patches"):
+            raise SessionError(f"tokens must be 'outliers' or 'patches', got {source!r}")
+        if source == "patches":
+            return block, ablation.parse_patches(patches)
+        try:
+            with self.store.using(entry):
+                entry.norms()
+                return block, ablation.outlier_patches(probe, block - 1, norms.parse_threshold(threshold))
+        except norms.ThresholdError as exc:
+            raise SessionError(str(exc)) from None
+
+    def toggle_patch(self, session: str, state: Optional[dict], x, y, block=None, patches="") -> str:
+        """The 'R,C; ...' patches with the one under pixel (x, y) of the image added, or removed
+        if it was there (the clicks of the Ablation tab), on `block`'s grid."""
+        from . import ablation
+
+        entry = self.entry(session, state)
+        probe = entry.probe
+        b0 = self._block(probe, block) - 1
+        token = self._pick(state, "ablation_click", entry, probe, x, y, b0)
+        patch = probe.patch_of(token, b0)
+        chosen = ablation.parse_patches(patches)
+        chosen = [p for p in chosen if p != patch] if patch in chosen else chosen + [patch]
+        return ablation.format_patches(chosen)
+
+    def ablation_marked(self, session: str, state: Optional[dict], block, patches) -> np.ndarray:
+        """The display image with the chosen patches of `block`'s grid (a list, or 'R,C; ...') outlined."""
+        from . import ablation, imaging
+
+        if isinstance(patches, str):
+            patches = ablation.parse_patches(patches)
+        probe = self.entry(session, state).probe
+        return imaging.outline_patches(self.display_image(state), probe.grid(self._block(probe, block) - 1), patches)
+
+    def ablation_view(self, session: str, state: Optional[dict], block=None, source="outliers", patches="",
+                      mode="neighbours", threshold="auto", cmap="turbo") -> AblationView:
+        """Replace the chosen tokens from `block` (1-based) on (ablation.ablate: one partial re-run
+        from the recorded input of that block, plus the decoder) and compare the depth."""
+        from . import ablation, imaging
+        from . import depth as depth_mod
+
+        cmap = _cmap(cmap)
+        block, chosen = self.ablation_patches(session, state, block, source, patches, threshold)
+        if not chosen:
+            raise SessionError("no tokens to replace: no outliers at this threshold; lower it, or click patches "
+                               "and choose 'patches I click'")
+        entry = self.entry(session, state)
+        model = self.manager.get(entry.model_name)
+        mode = str(mode or "neighbours").strip().lower()
+        try:
+            with self.store.using(entry):      # the latest run is kept (its depth and shares, not its records)
+                res = _latest(entry, "ablation", (block, tuple(chosen), mode), lambda: _compact(
+                    ablation.ablate(model, entry.x, block - 1, chosen, mode, baseline=entry.probe,
+                                    baseline_depth=entry.depth), model, entry.meta))
+        except ablation.AblationError as exc:
+            raise SessionError(str(exc)) from None
+        metric = bool(entry.info.metric)
+        diff = res["depth"] - entry.depth_image
+        m = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
+        diff_img = imaging.colorize(diff, "spectral", vmin=-m, vmax=m) if m > 0 else \
+            np.full(diff.shape + (3,), 128, dtype=np.uint8)
+        n_layers = entry.probe.num_layers
+        text = (f"{len(chosen)} patch{'es' if len(chosen) != 1 else ''} replaced ({mode}) from block {block}/{n_layers} "
+                f"· blocks {block}..{n_layers} and the decoder re-run in {res['rerun_s'] * 1000:.0f} ms (encode was "
+                f"{entry.encode_s * 1000:.0f} ms) · mean |difference| {res['near']:.4g} on and around the patches, "
+                f"{res['elsewhere']:.4g} elsewhere · max {m:.4g}")
+        with self.store.using(entry):
+            original = entry.cached(("unscaled view", cmap),
+                                    lambda: depth_mod.render(entry.depth_image, metric=metric, cmap=cmap))
+        return AblationView(depth_mod.render(res["depth"], metric=metric, cmap=cmap), original, diff_img,
+                            self.ablation_marked(session, state, block, chosen), res["figure"], chosen, block,
+                            res["depth"], res["share"], text)
 
     # -- Block norms tab -----------------------------------------------------------------
     def norms_view(self, session: str, state: Optional[dict], threshold="auto", block=None,

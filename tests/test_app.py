@@ -56,8 +56,8 @@ def test_startup_pick_and_endpoints(served):
     client, _, lab, model, _ = served
     assert model == "depth-anything-v2-small" and not lab.manager.untrained
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/depth", "/attention", "/rollout", "/attention_distance", "/features", "/norms", "/fusion", "/mask",
-                 "/scene3d", "/export"):
+    for name in ("/depth", "/attention", "/rollout", "/attention_distance", "/features", "/norms", "/ablation",
+                 "/fusion", "/mask", "/scene3d", "/export"):
         assert name in api
     params = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in api}
     assert params["/depth"] == ["image", "model", "base_size", "keep_aspect", "colormap"]
@@ -147,6 +147,31 @@ def test_feature_lenses_come_from_the_recorded_encode(served, depth_result):
         client.predict(13, "pca", None, None, False, 12, False, 5, 0.0, "inferno", api_name="/features")
     with pytest.raises(Exception, match="outside"):
         client.predict(1000, 50, 6, "max", 0.2, False, 0.0, "inferno", api_name="/rollout")
+
+
+def test_ablation_replaces_the_patches_and_shows_the_difference(served, depth_result):
+    from dpt_lab import ablation, depth
+
+    client, _, lab, model_name, _ = served
+    (entry,) = lab.store.entries(client.session_hash)
+    encodes = lab.store.encodes
+    diff, ablated, original, share, text, marked = client.predict(7, "patches", "3,4; 10,12", "zero", "auto",
+                                                                  "turbo", api_name="/ablation")
+    assert "2 patches replaced (zero) from block 7/12" in text
+    for picture in (diff, ablated, original, marked):
+        assert rgb(picture).shape == (300, 451, 3)
+    model = lab.manager.get(model_name)
+    ref = ablation.ablate(model, entry.x, 6, [(3, 4), (10, 12)], "zero", baseline=entry.probe)
+    want = depth.render(model.postprocess(ref.depth, entry.meta), metric=False, cmap="turbo").colored
+    assert np.array_equal(rgb(ablated), want)
+    assert not np.array_equal(rgb(ablated), rgb(original))
+    traces = json.loads(share["plot"])["data"]
+    assert [t["name"] for t in traces] == ["before", "after"]
+    assert lab.store.encodes == encodes
+    with pytest.raises(Exception, match="no tokens to replace"):
+        client.predict(7, "outliers", "", "zero", "1e9", "turbo", api_name="/ablation")
+    with pytest.raises(Exception, match="outside"):
+        client.predict(7, "patches", "99,0", "zero", "auto", "turbo", api_name="/ablation")
 
 
 def test_norms_gives_figures_and_table(served, depth_result):

@@ -417,6 +417,35 @@ def test_rollout_tab_draws_the_map_and_the_distance_of_every_head(browser_page):
     assert not errors, errors
 
 
+def test_ablation_tab_clicks_patches_and_shows_the_difference_map(browser_page):
+    from dpt_lab import attention
+
+    page, server, errors = browser_page
+    lab = server.lab
+    page.get_by_role("tab", name="Ablation").click()
+    session, state = browser_session(server), session_state(server)
+    (entry,) = lab.store.entries(session)
+    box = settled_box(page, "#ablation-image")
+    grid = entry.probe.grid(6)
+    wanted = []
+    for fx, fy in ((0.2, 0.3), (0.7, 0.6)):
+        before = page.locator("#ablation-patches textarea, #ablation-patches input").first.input_value()
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        wanted.append(attention.patch_at_pixel(entry.meta, grid, fx * 451 - 0.5, fy * 300 - 0.5))
+        page.wait_for_function("([s, old]) => document.querySelector(s).value !== old",
+                               arg=["#ablation-patches textarea, #ablation-patches input", before])
+    text = "; ".join(f"{r},{c}" for r, c in wanted)
+    assert page.locator("#ablation-patches textarea, #ablation-patches input").first.input_value() == text
+    assert page.locator("#ablation-source input[value=patches]").is_checked()
+    page.locator("#ablation-run").click()
+    wait_text(page, "#ablation-info", "2 patches replaced (neighbours) from block 7/12")
+    page.wait_for_selector("#ablation-share .js-plotly-plot")
+    ref = lab.ablation_view(session, dict(state), 7, "patches", text, "neighbours")
+    assert_shown(img_pixels(page, "#ablation-difference"), ref.difference)
+    shot(page, "ablation", full_page=True)
+    assert not errors, errors
+
+
 def test_mask_range_changes_the_preview_and_the_cutout_has_the_image_size(browser_page, tmp_path):
     from dpt_lab import mask as mask_mod
     from dpt_lab import scene

@@ -17,7 +17,7 @@ recorded q/k/bias cannot drift from what the model really does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +119,42 @@ def keep_record(record: "Record", rec: BlockRecord, tokens: Tensor, blocks: list
 
 
 @dataclass
+class Resume:
+    """Run an encoder from block `start` on, from an earlier pass's records, instead of from the
+    image: the ablation experiment's partial re-run. The stream entering block `start` is the
+    recorded output of block start - 1 (`records[start - 1].tokens`; `embedded` for block 0;
+    SwinV2 merges patches first at a stage's first block), so nothing before it runs again; the
+    taps before `start` come from the records too, and their records are reused as they are.
+    `edit(tokens, grid, fresh)` (optional) rewrites the stream entering block `start`, after every
+    later block and after each later patch merging: whatever any later block or the decoder reads.
+    fresh: the tensor is a block's own new output, so the edit may write into it; the recorded
+    stream it starts from is never written."""
+
+    start: int
+    records: list                      # every block's BlockRecord of the earlier pass (tokens recorded)
+    embedded: Optional[Tensor] = None  # the stream entering block 0 (EncoderFeatures.embedded)
+    edit: Optional[Callable[..., Tensor]] = None
+
+    def entering(self) -> Tensor:
+        """The recorded stream entering block `start` (before any patch merging)."""
+        if self.start == 0:
+            if self.embedded is None:
+                raise ValueError("resuming at block 0 needs the recorded embedding (Record(tokens=True))")
+            return self.embedded
+        tokens = self.records[self.start - 1].tokens
+        if tokens is None:
+            raise ValueError("resuming needs the earlier pass's tokens (Record(tokens=True))")
+        return tokens
+
+    def tapped(self, block: int) -> Tensor:
+        """The recorded output of a block before `start` (a tap the re-run does not recompute)."""
+        return self.records[block].tokens
+
+    def apply(self, tokens: Tensor, grid: tuple[int, int], fresh: bool = True) -> Tensor:
+        return tokens if self.edit is None else self.edit(tokens, grid, fresh)
+
+
+@dataclass
 class EncoderFeatures:
     """What `DepthModel.encode` returns: everything `decode` needs, plus any records."""
 
@@ -128,6 +164,7 @@ class EncoderFeatures:
     blocks: Optional[list[BlockRecord]] = None
     input_size: tuple[int, int] = (0, 0)
     extras: dict = field(default_factory=dict)
+    embedded: Optional[Tensor] = None         # the stream entering block 0 (Record(tokens=True))
 
     def detach_records(self) -> "EncoderFeatures":
         """A copy without the per-block records (what the fusion tool caches)."""

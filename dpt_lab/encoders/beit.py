@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fastpath
-from .base import BlockRecord, EncoderFeatures, Mlp, Record, keep_record
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, Resume, keep_record
 
 CACHE_GRIDS = 8   # grids remembered per cache (least recently used dropped first)
 
@@ -189,21 +190,30 @@ class BeitEncoder(nn.Module):
         key = (tuple(grid), torch.device(device), torch.is_inference_mode_enabled())
         return _lru_get(self._indices, key, lambda: relative_position_index(grid, device))
 
-    def forward(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
+    def forward(self, x: Tensor, record: Record = Record(), resume: Optional[Resume] = None) -> EncoderFeatures:
         b, _, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
-        tokens = fastpath.patch_tokens(self.patch_embed, x)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        start = 0 if resume is None else resume.start
+        if resume is None:
+            tokens = fastpath.patch_tokens(self.patch_embed, x)
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        else:
+            tokens = resume.apply(resume.entering(), (gh, gw), fresh=False)
+        embedded = tokens if record.tokens else None
         index = self.rel_index((gh, gw), x.device)
 
         keep_blocks = record.keeps_blocks
         blocks: list[BlockRecord] | None = [] if keep_blocks else None
-        taps = []
+        if blocks is not None and resume is not None:
+            blocks += resume.records[:start]
+        taps = [resume.tapped(i) for i in self.cfg.taps if i < start] if resume is not None else []
         last = len(self.blocks) - 1 if keep_blocks else max(self.cfg.taps)
-        for i, block in enumerate(self.blocks[: last + 1]):
+        for i in range(start, last + 1):
             rec = BlockRecord(grid=(gh, gw), has_cls=True) if keep_blocks else None
-            tokens = block(tokens, (gh, gw), index, rec if record.attention else None)
+            tokens = self.blocks[i](tokens, (gh, gw), index, rec if record.attention else None)
+            if resume is not None:
+                tokens = resume.apply(tokens, (gh, gw))
             if rec is not None:
                 keep_record(record, rec, tokens, blocks)
             if i in self.cfg.taps:
@@ -211,7 +221,8 @@ class BeitEncoder(nn.Module):
 
         maps = [t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw) for t in taps]
         cls = [t[:, 0] for t in taps]
-        return EncoderFeatures(maps, cls, out_size=(gh * p, gw * p), blocks=blocks, input_size=(h, w))
+        return EncoderFeatures(maps, cls, out_size=(gh * p, gw * p), blocks=blocks, input_size=(h, w),
+                               embedded=embedded if resume is None else resume.embedded)
 
 
 def midas_taps(depth: int) -> tuple[int, ...]:

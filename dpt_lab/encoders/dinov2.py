@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import cubic, fastpath
-from .base import BlockRecord, EncoderFeatures, Mlp, Record, keep_record
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, Resume, keep_record
 
 
 @dataclass(frozen=True)
@@ -131,21 +132,30 @@ class DinoV2Encoder(nn.Module):
         grid = grid.permute(1, 2, 0).reshape(1, -1, table.shape[-1])
         return torch.cat([table[:, :1], grid], dim=1).to(self.pos_embed.dtype)
 
-    def forward(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
+    def forward(self, x: Tensor, record: Record = Record(), resume: Optional[Resume] = None) -> EncoderFeatures:
         b, _, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
-        tokens = fastpath.patch_tokens(self.patch_embed, x)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
-        tokens = tokens + self.position_embedding(gh, gw)
+        start = 0 if resume is None else resume.start
+        if resume is None:
+            tokens = fastpath.patch_tokens(self.patch_embed, x)
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+            tokens = tokens + self.position_embedding(gh, gw)
+        else:
+            tokens = resume.apply(resume.entering(), (gh, gw), fresh=False)
+        embedded = tokens if record.tokens else None
 
         keep_blocks = record.keeps_blocks
         blocks: list[BlockRecord] | None = [] if keep_blocks else None
-        taps = []
+        if blocks is not None and resume is not None:
+            blocks += resume.records[:start]
+        taps = [self.norm(resume.tapped(i)) for i in self.cfg.taps if i < start] if resume is not None else []
         last = len(self.blocks) - 1 if keep_blocks else max(self.cfg.taps)
-        for i, block in enumerate(self.blocks[: last + 1]):
+        for i in range(start, last + 1):
             rec = BlockRecord(grid=(gh, gw), has_cls=True) if keep_blocks else None
-            tokens = block(tokens, rec if record.attention else None)
+            tokens = self.blocks[i](tokens, rec if record.attention else None)
+            if resume is not None:
+                tokens = resume.apply(tokens, (gh, gw))
             if rec is not None:
                 keep_record(record, rec, tokens, blocks)
             if i in self.cfg.taps:
@@ -153,7 +163,8 @@ class DinoV2Encoder(nn.Module):
 
         maps = [t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw) for t in taps]
         cls = [t[:, 0] for t in taps]
-        return EncoderFeatures(maps, cls, out_size=(gh * p, gw * p), blocks=blocks, input_size=(h, w))
+        return EncoderFeatures(maps, cls, out_size=(gh * p, gw * p), blocks=blocks, input_size=(h, w),
+                               embedded=embedded if resume is None else resume.embedded)
 
 
 def _size_tensor(n) -> Tensor:

@@ -65,13 +65,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fastpath
-from .base import BlockRecord, EncoderFeatures, Mlp, Record, WindowLayout, keep_record
+from .base import BlockRecord, EncoderFeatures, Mlp, Record, Resume, WindowLayout, keep_record
 
 SHIFT_MASK = -100.0          # between cyclic-shift regions, as in the original
 CACHE_SIZE = 32
@@ -385,27 +386,50 @@ class Swin2Encoder(nn.Module):
             h, w = h // 2, w // 2
         return out
 
-    def forward(self, x: Tensor, record: Record = Record()) -> EncoderFeatures:
+    def forward(self, x: Tensor, record: Record = Record(), resume: Optional[Resume] = None) -> EncoderFeatures:
         b, _, height, width = x.shape
         if height % self.tile or width % self.tile:
             raise ValueError(f"input height and width must be multiples of {self.tile}, got {(height, width)}")
         grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
-        tokens = self.patch_embed.norm(fastpath.patch_tokens(self.patch_embed.proj, x))
+        start = 0 if resume is None else resume.start
+        tokens = self.patch_embed.norm(fastpath.patch_tokens(self.patch_embed.proj, x)) if resume is None else None
+        embedded = tokens if record.tokens else None
 
         keep = record.keeps_blocks
         blocks: list[BlockRecord] | None = [] if keep else None
+        if blocks is not None and resume is not None:
+            blocks += resume.records[:start]
         maps = []
-        for stage, layouts in zip(self.stages, self.layouts(grid)):
-            for block, layout in zip(stage.blocks, layouts):
+        i = 0                       # the block's index over all stages
+        for s, (stage, layouts) in enumerate(zip(self.stages, self.layouts(grid))):
+            for j, (block, layout) in enumerate(zip(stage.blocks, layouts)):
+                if i < start:
+                    i += 1
+                    continue
+                if resume is not None and i == start:     # the recorded stream, merged first at a stage's start
+                    entering, fresh = resume.entering(), False
+                    if j == 0 and s > 0:
+                        prev = (grid[0] * 2, grid[1] * 2)
+                        entering, fresh = self.stages[s - 1].downsample(entering, prev), True
+                    tokens = resume.apply(entering, grid, fresh)
                 rec = BlockRecord(grid=grid, has_cls=False, window=layout) if keep else None
                 tokens = block(tokens, layout, rec if record.attention else None)
+                if resume is not None:
+                    tokens = resume.apply(tokens, grid)
                 if rec is not None:
                     keep_record(record, rec, tokens, blocks)
-            maps.append(tokens.transpose(1, 2).reshape(b, -1, grid[0], grid[1]))
+                i += 1
+            ran = i > start
+            last = tokens if ran else resume.tapped(i - 1)
+            maps.append(last.transpose(1, 2).reshape(b, -1, grid[0], grid[1]))
             if stage.downsample is not None:
-                tokens = stage.downsample(tokens, grid)
+                if ran:
+                    tokens = stage.downsample(tokens, grid)
                 grid = (grid[0] // 2, grid[1] // 2)
-        return EncoderFeatures(maps, None, out_size=(height, width), blocks=blocks, input_size=(height, width))
+                if ran and resume is not None:
+                    tokens = resume.apply(tokens, grid)
+        return EncoderFeatures(maps, None, out_size=(height, width), blocks=blocks, input_size=(height, width),
+                               embedded=embedded if resume is None else resume.embedded)
 
 
 # -- what the attention tools call ------------------------------------------------------
