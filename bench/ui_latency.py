@@ -246,7 +246,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
         return page.evaluate("Date.now()")
 
     # 1. upload -> depth shown
-    page.get_by_role("tab", name="Depth").click()
+    page.get_by_role("tab", name="Depth", exact=True).click()
     old = page.evaluate("() => { const a = document.querySelectorAll('#depth-output img'); "
                         "return a.length ? a[a.length - 1].src : null; }")
     t0 = now()
@@ -274,7 +274,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     # 2. open the Attention tab -> tiles shown
     old = page.evaluate("() => { const e = document.querySelector('#attention-tiles img'); return e ? e.src : null; }")
     t0 = now()
-    page.get_by_role("tab", name="Attention").click()
+    page.get_by_role("tab", name="Attention", exact=True).click()
     timing = page.evaluate(WAIT_IMG, ["#attention-tiles", old])
     record("attention_tab", t0, timing,
            ref_of(lambda: lab.attention_at(sess, dict(state), None, None, 12, "row", False, False, "inferno", 0.0,
@@ -298,14 +298,14 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     mark = page.evaluate("() => { const gd = document.querySelector('#norms-heatmap .js-plotly-plot'); "
                          "return gd ? (gd.__dptMark || 0) : 0; }")
     t0 = now()
-    page.get_by_role("tab", name="Block norms").click()
+    page.get_by_role("tab", name="Block norms", exact=True).click()
     timing = page.evaluate(WAIT_PLOT, ["#norms-heatmap", mark])
     record("norms_tab", t0, timing,
            ref_of(lambda: lab.norms_view(sess, dict(state), "auto", 12, True, light=True)) if results is not None else None)
 
     # 5. fusion slider -> scaled depth shown
     old = page.evaluate("() => { const e = document.querySelector('#fusion-scaled img'); return e ? e.src : null; }")
-    page.get_by_role("tab", name="Fusion scaling").click()
+    page.get_by_role("tab", name="Fusion scaling", exact=True).click()
     timing = page.evaluate(WAIT_IMG, ["#fusion-scaled", old])
     entry = lab.store.entries(sess)[-1]
     values = np.linspace(0.9, -1.5, 2 if warm else args.drags)
@@ -324,7 +324,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     page.wait_for_function("() => document.querySelector('#fusion-info').innerText.includes('factors 1, 1, 1, 1 ')")
 
     # 6. hover: the pointer sweeps the similarity image; maps shown per second while it moves
-    page.get_by_role("tab", name="Features").click()
+    page.get_by_role("tab", name="Features", exact=True).click()
     page.wait_for_function("() => document.querySelector('#features-info').innerText.includes('block')")
     img = page.locator("#features-image img")
     box = None
