@@ -1,7 +1,8 @@
 """DPT Lab web app: the tabs of dpt_lab.ui composed into one Gradio page, and launched.
 
     python app.py [--host HOST] [--port PORT] [--share] [--model NAME_OR_PATH]
-                  [--weights-dir DIR] [--device DEVICE] [--max-models N]
+                  [--weights-dir DIR] [--device auto|cpu|cuda|mps] [--dtype float32|float16|bfloat16]
+                  [--max-models N]
 
 Each tab is a module of dpt_lab/ui (its components, handlers and API names); the work is
 in dpt_lab.session. API endpoints (gradio_client, the "Use via API" page): /depth,
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from dpt_lab import memory
+from dpt_lab import (
+    gpu,  # first: on ZeroGPU, spaces must be imported before torch
+    memory,
+)
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
 from dpt_lab.ui import ablation, attention, depth, export, features, fusion, mask, norms, rollout, scene3d
@@ -72,12 +76,32 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
             return gr.update(choices=lab.manager.choices()), size
 
         demo.load(on_page_load, None, [model_dd, base], api_visibility="private", queue=False)
+        _wire_download_banner(lab, ctx, model_md)
         def forget(request: gr.Request):
             lab.store.drop(sid(request))
 
         demo.unload(forget)
     demo.dpt_lab = lab   # for tests: the Lab behind this app
     return demo
+
+
+def _wire_download_banner(lab: S.Lab, ctx: Context, model_md) -> None:
+    """While the startup model downloads, every tab's banner shows its progress (once a second);
+    then the model's own banner (none, or the untrained warning if the download failed)."""
+    manager = lab.manager
+    if not manager.downloading:
+        return
+    timer = gr.Timer(1.0)
+
+    def tick():
+        text = manager.banner()
+        done = not manager.downloading
+        info = f"Startup model: **{manager.startup}** ({manager.startup_reason})"
+        return (*(gr.update(value=text, visible=bool(text)) for _ in ctx.banners), info,
+                gr.Timer(active=not done))
+
+    timer.tick(tick, None, [*ctx.banners, model_md, timer], api_visibility="private", queue=False,
+               show_progress="hidden")
 
 
 def _native_size(name: str) -> int:
@@ -99,7 +123,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "else a checkpoint in the weights folder, else random weights)")
     p.add_argument("--weights-dir", default=None, help="local weights folder (default $DPT_LAB_WEIGHTS or "
                                                        "./model_weights)")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", default=os.environ.get("DPT_LAB_DEVICE") or "auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default auto; $DPT_LAB_DEVICE)")
+    p.add_argument("--dtype", default=os.environ.get("DPT_LAB_DTYPE") or "float32",
+                   choices=["float32", "float16", "bfloat16"],
+                   help="compute precision: float16 / bfloat16 run under autocast, for GPUs (default float32)")
     p.add_argument("--max-models", type=int, default=None, help="models kept loaded at once (default 2)")
     return p.parse_args(argv)
 
@@ -108,12 +136,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     memory.configure()         # first, while this process has one thread
     try:
-        manager = S.ModelManager(args.model, weights_dir=args.weights_dir, device=args.device,
-                                 max_models=args.max_models)
+        manager = S.ModelManager(args.model, weights_dir=args.weights_dir, device=gpu.startup_device(args.device),
+                                 max_models=args.max_models, dtype=args.dtype)
     except DPTLabError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(f"dpt-lab: model {manager.startup} ({manager.startup_reason})", flush=True)
+    print(f"dpt-lab: model {manager.startup} ({manager.startup_reason}) on {manager.device}"
+          f"{'' if manager.dtype is None else f' in {args.dtype} (autocast)'}{gpu.describe()}", flush=True)
     if manager.untrained:
         print("dpt-lab: WARNING: " + manager.banner().replace("**", "").replace("`", ""), flush=True)
     demo = build_app(manager)

@@ -161,7 +161,8 @@ def attention_share(probe: AttentionProbe, block: int, patches: Sequence[tuple[i
             grid = probe.grid(layer)
             if grid[0] > grid0[0]:
                 continue
-            keys = torch.from_numpy(np.flatnonzero(_on_grid(patches, grid0, grid)) + offset)
+            device = probe.features.blocks[layer].q.device
+            keys = torch.from_numpy(np.flatnonzero(_on_grid(patches, grid0, grid)) + offset).to(device)
             total = 0.0
             heads, n = probe.num_heads(layer), probe.num_tokens(layer)
             for queries, window_keys, probs in probe.probabilities(layer):

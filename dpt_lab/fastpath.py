@@ -121,6 +121,8 @@ def active(x: Tensor, *modules: nn.Module) -> bool:
     """Whether the fast path applies to `x` going through `modules` (see the module doc)."""
     if not enabled() or tracing():
         return False
+    if torch.is_autocast_enabled("cpu"):      # half precision asked for: the plain ops, which autocast casts
+        return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.layout != torch.strided:
         return False
     if not torch.backends.mkldnn.enabled or not available():

@@ -10,6 +10,7 @@ pre/post-processing of that family.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -52,6 +53,7 @@ class ModelInfo:
     source: str = ""
     name: str = ""
     notes: list[str] = field(default_factory=list)
+    compute_dtype: str = "float32"    # float16 / bfloat16: run under autocast (precision.py)
 
     @property
     def keep_aspect_default(self) -> bool:
@@ -83,6 +85,13 @@ class DepthModel(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.info = info
+        self.compute_dtype: Optional[torch.dtype] = None    # half precision under autocast (precision.apply)
+
+    def _autocast(self):
+        """torch.autocast in compute_dtype on the model's device, or nothing (float32)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .half() ...: the fast path's packed weight copies are stale
@@ -110,7 +119,7 @@ class DepthModel(nn.Module):
             raise ValueError(f"expected a B x 3 x H x W tensor, got {tuple(x.shape)}")
         if x.shape[-2] % tile or x.shape[-1] % tile:
             raise ValueError(f"input height and width must be multiples of {tile}, got {tuple(x.shape[-2:])}")
-        with self._packing():
+        with self._packing(), self._autocast():
             return self.encoder(x, record) if resume is None else self.encoder(x, record, resume)
 
     def decode(self, feats: EncoderFeatures, fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
@@ -119,8 +128,8 @@ class DepthModel(nn.Module):
         before the scaling) are computed once per `feats` and kept in it (`fusion_inputs`),
         so decoding the same features again, e.g. for a slider change, runs only the fusion
         blocks and the head. The numbers are those of the uncached decoder exactly."""
-        with self._packing():
-            return self.decoder.fuse(self.fusion_inputs(feats), feats.out_size, fusion_scales)
+        with self._packing(), self._autocast():
+            return self.decoder.fuse(self.fusion_inputs(feats), feats.out_size, fusion_scales).float()
 
     def fusion_inputs(self, feats: EncoderFeatures) -> list[Tensor]:
         """The four decoder-width maps entering the fusion blocks (layer_rn outputs, before
@@ -136,7 +145,8 @@ class DepthModel(nn.Module):
         cached = feats.extras.get("fusion_inputs")
         if cached is not None and _same_objects(cached[0], (self.decoder, *key[1:])):
             return cached[1]
-        layers = self.decoder.reassembled(feats.maps, feats.cls)
+        with self._autocast():
+            layers = self.decoder.reassembled(feats.maps, feats.cls)
         if not (torch.is_grad_enabled() or fastpath.tracing()):
             feats.extras["fusion_inputs"] = (key, layers)
         return layers
@@ -144,11 +154,13 @@ class DepthModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # the uncached path (same code as decode): a forward never keeps fusion inputs alive
         feats = self.encode(x)
-        with self._packing():
-            return self.decoder(feats.maps, feats.cls, feats.out_size)
+        with self._packing(), self._autocast():
+            depth = self.decoder(feats.maps, feats.cls, feats.out_size)
+        return depth if self.compute_dtype is None else depth.float()
 
     # -- images in, depth out (official pipelines; see imaging.py) --------------------
-    def preprocess(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None):
+    def preprocess(self, image, base_size: Optional[int] = None, keep_aspect: Optional[bool] = None, device=None):
+        """(1 x 3 x h x w input on `device` (default the model's), imaging.PreprocessMeta)."""
         from . import imaging
 
         if keep_aspect is None:
@@ -159,7 +171,7 @@ class DepthModel(nn.Module):
             rule = "minimal"
         return imaging.prepare(
             rgb, target=int(base_size or self.info.base_size), multiple=self.info.multiple, rule=rule,
-            mean=self.info.mean, std=self.info.std, dtype=self.dtype, device=self.device,
+            mean=self.info.mean, std=self.info.std, dtype=self.dtype, device=self.device if device is None else device,
         )
 
     def postprocess(self, depth: Tensor, meta) -> np.ndarray:

@@ -3,12 +3,21 @@ thread-safe, each name loaded once even when several sessions ask for it at the 
 time, and the random model the app starts with when no checkpoint is found.
 
 The startup model is, in this order: the --model argument; a checkpoint in the weights
-folder; a known model already in the Hugging Face cache; else the Depth-Anything-V2-Small
+folder; a known model already in the Hugging Face cache; else, when the Hub answers within
+HUB_PROBE_S seconds, DOWNLOAD_MODEL (Depth-Anything-V2-Small, ~100 MB), downloaded in the
+background once the page is up (`preload`; requests for it wait, the banner shows the
+download's progress); else, or when that download fails, the Depth-Anything-V2-Small
 architecture with RANDOM weights, flagged untrained, whose banner (`manager.banner(name)`)
-says so on every tab. Names typed into the UI are only accepted when they are in the
-picker (registry names, local checkpoints, the startup model, the random model); a local
-name is resolved with weights.resolve_in_weights_dir, which refuses paths out of the
-weights folder.
+says so on every tab. `startup_reason` says which, and why.
+
+Device: "auto" (the default) is cuda, then mps, then cpu. dtype float16 / bfloat16 (for
+GPUs) keeps the weights in float32 and runs the model under torch.autocast, which does the
+matrix products and convolutions in half precision and keeps the ops that overflow or lose
+too much there (layer norms, softmax, sums) in float32 (see precision.py).
+
+Names typed into the UI are only accepted when they are in the picker (registry names,
+local checkpoints, the startup model, the random model); a local name is resolved with
+weights.resolve_in_weights_dir, which refuses paths out of the weights folder.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from .errors import SessionError
 
 RANDOM_MODEL = "depth-anything-v2-small (random weights, untrained)"
 PREFERRED = ("depth-anything-v2-small", "depth-anything-v2-base", "depth-anything-v2-large")
+DOWNLOAD_MODEL = "depth-anything-v2-small"    # what a first run downloads when nothing is found
+HUB_PROBE_S = 3.0                              # how long the first run waits for the Hub to answer
 
 ProgressFn = Callable[[float, str], Any]
 
@@ -64,11 +75,19 @@ class ModelManager:
     """Loaded models shared by every session (bounded LRU, thread-safe, one load per name)."""
 
     def __init__(self, model: Optional[str] = None, *, weights_dir=None, device=None,
-                 max_models: Optional[int] = None):
+                 max_models: Optional[int] = None, dtype=None, download: Optional[bool] = None):
         from . import weights
+        from .choices import check_device, check_dtype
 
         self.folder = _absolute(weights.weights_dir(weights_dir))
-        self.device = device
+        self.device_spec = check_device(device)     # resolved when the first model loads (torch is imported then)
+        self._device = None
+        self.dtype = check_dtype(dtype)            # "float16" / "bfloat16", or None for float32
+        self.download = (os.environ.get("DPT_LAB_DOWNLOAD", "1").strip().lower() not in ("0", "no", "off", "false")
+                         if download is None else bool(download))
+        self.downloading: Optional[str] = None     # the startup model being fetched in the background
+        self.download_fraction = 0.0
+        self.download_failed: Optional[str] = None  # ... and given up on (its requests get the random model)
         self.max_models = max(1, int(max_models or os.environ.get("DPT_LAB_MAX_MODELS") or 2))
         self._models: "OrderedDict[str, Any]" = OrderedDict()
         self._lock = threading.Lock()
@@ -77,6 +96,15 @@ class ModelManager:
         self._errors: dict[str, BaseException] = {}
         self.loads = 0                            # checkpoint loads so far (tests)
         self.startup, self.startup_reason = self._pick(model)
+
+    @property
+    def device(self):
+        """The torch device models load on ("auto": cuda, then mps, then cpu)."""
+        if self._device is None:
+            from . import precision
+
+            self._device = precision.pick_device(self.device_spec)
+        return self._device
 
     # -- which model ---------------------------------------------------------------------
     def _pick(self, model: Optional[str]) -> tuple[str, str]:
@@ -102,7 +130,14 @@ class ModelManager:
                 hit = None
             if hit is not None:
                 return name, f"known model in the Hugging Face cache: {hit}"
-        return RANDOM_MODEL, f"no checkpoint in {self.folder} and none in the Hugging Face cache"
+        nothing = f"no checkpoint in {self.folder} and none in the Hugging Face cache"
+        if not self.download:
+            return RANDOM_MODEL, f"{nothing}; downloads are off (DPT_LAB_DOWNLOAD=0)"
+        ok, why = weights.hub_status(HUB_PROBE_S)
+        if not ok:
+            return RANDOM_MODEL, f"{nothing}, and the Hub cannot be reached to download {DOWNLOAD_MODEL}: {why}"
+        self.downloading = DOWNLOAD_MODEL
+        return DOWNLOAD_MODEL, f"{nothing}: downloading {DOWNLOAD_MODEL} (about 100 MB) from the Hugging Face Hub"
 
     def is_untrained(self, name: Optional[str]) -> bool:
         return name == RANDOM_MODEL
@@ -113,8 +148,19 @@ class ModelManager:
         return self.is_untrained(self.startup)
 
     def banner(self, name: Optional[str] = None) -> str:
-        """Banner text for model `name` (default: the startup model); '' for trained models."""
-        return untrained_banner(self.folder) if self.is_untrained(name or self.startup) else ""
+        """Banner text for model `name` (default: the startup model): the download's progress
+        while the startup model is fetched, the untrained warning for the random model, else ''."""
+        name = name or self.startup
+        if name == self.download_failed:
+            name = RANDOM_MODEL
+        if self.downloading and name == self.downloading:
+            return (f"⏳ **Downloading weights for {name}: {self.download_fraction:.0%}.** The page works "
+                    "as soon as they are in; what you ask for meanwhile waits for them.")
+        if self.is_untrained(name):
+            why = f" (the download of {self.download_failed} failed)" if self.download_failed else ""
+            return untrained_banner(self.folder).replace("DPT Lab found no checkpoint",
+                                                         f"DPT Lab found no checkpoint{why}")
+        return ""
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for the model picker: the startup model, local checkpoints,
@@ -169,8 +215,12 @@ class ModelManager:
             return list(self._models)
 
     def get(self, name, progress: Optional[ProgressFn] = None):
-        """The loaded model `name`, loading (and downloading) it once if needed."""
+        """The loaded model `name`, loading (and downloading) it once if needed. While the
+        startup download runs, a request for it waits for it; once that download has failed,
+        the random model answers in its place (the page said so)."""
         name = self.validate(name)
+        if name == self.download_failed:
+            name = RANDOM_MODEL
         with self._lock:
             model = self._models.get(name)
             if model is not None:
@@ -204,7 +254,7 @@ class ModelManager:
         if name == RANDOM_MODEL:
             if progress:
                 progress(0.0, "building the random (untrained) model")
-            return build_random_model(device=self.device)
+            return self._precision(build_random_model(device=self.device))
         family = max_depth = None
         if name in self._trusted:
             path = self._trusted[name]
@@ -219,18 +269,40 @@ class ModelManager:
             progress(0.99, f"loading {name}")
         model = load_model(path, family=family, max_depth=max_depth, device=self.device)
         model.info.name = name
-        return model
+        return self._precision(model)
+
+    def _precision(self, model):
+        from . import precision
+
+        return precision.apply(model, self.dtype)
 
     def preload(self, name: Optional[str] = None) -> threading.Thread:
         """Load `name` (default: the startup model) in a background thread; an error is
-        kept and raised again by the next get()."""
+        kept and raised again by the next get(). The startup download reports its progress
+        (download_fraction, the banner); when it fails the random model takes over."""
         target = name or self.startup
 
+        def note(fraction, _text):
+            self.download_fraction = max(self.download_fraction, min(1.0, float(fraction)))
+
         def run():
+            fetching = target == self.downloading
             try:
-                self.get(target)
+                self.get(target, note if fetching else None)
             except BaseException as exc:   # noqa: BLE001 - reported by get() later
-                print(f"dpt-lab: could not load {target}: {exc}", flush=True)
+                if fetching:
+                    self.download_failed, self.startup = target, RANDOM_MODEL
+                    self.startup_reason = f"the download of {target} failed ({exc}); random weights"
+                    print(f"dpt-lab: the download of {target} failed, starting with random weights: {exc}",
+                          flush=True)
+                else:
+                    print(f"dpt-lab: could not load {target}: {exc}", flush=True)
+            else:
+                if fetching:
+                    print(f"dpt-lab: downloaded {target}; it answers from now on", flush=True)
+            finally:
+                if fetching:
+                    self.downloading = None
 
         t = threading.Thread(target=run, name="dpt-lab-preload", daemon=True)
         t.start()

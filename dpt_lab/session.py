@@ -37,6 +37,8 @@ from typing import Any, Optional, Sequence, TypedDict
 
 import numpy as np
 
+from . import gpu
+
 # the choices offered by the tabs (torch-free: the page is built before torch loads)
 from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
 from .errors import DPTLabError, SessionError, finite_number  # noqa: F401 - raised by the tabs' functions
@@ -238,6 +240,60 @@ def _display(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
+# -- the calls that run a model (each one @spaces.GPU on ZeroGPU: gpu.py) -------------------------
+# On ZeroGPU they take and return CPU data, so the recorded encode stays in this process, on
+# the CPU, between calls (the GPU is detached then). On a machine of its own (CPU, CUDA, MPS)
+# everything stays on the model's device: rows, norms and lenses are computed where q / k and
+# the tokens already are, and the decoder's fusion cache stays beside the decoder.
+@gpu.on_gpu("encode")
+def _recorded_encode(model, x):
+    """(features.FeatureProbe of ONE recorded encode of x, its depth 1 x h x w)."""
+    import torch
+
+    from . import features
+
+    with torch.inference_mode():
+        probe = features.capture(model, x.to(model.device))      # attention q / k, norms and tokens: every lens
+        depth = model.decode(probe.features)
+        if gpu.keep_on_cpu():
+            probe = features.FeatureProbe(probe.features.to("cpu"), info=model.info)
+            depth = depth.cpu()
+    return probe, depth
+
+
+@gpu.on_gpu("decode")
+def _scaled_decode(model, feats, scales):
+    """The decoder on recorded features with the four fusion factors (1 x h x w)."""
+    import torch
+
+    from . import fusion
+
+    with torch.inference_mode():
+        if gpu.keep_on_cpu():
+            return fusion.scaled_depth(model, feats.to(model.device), scales).cpu()
+        return fusion.scaled_depth(model, feats, scales)
+
+
+@gpu.on_gpu("ablation")
+def _ablated(model, entry: Entry, block: int, chosen, mode: str) -> dict:
+    """The Ablation tab's run on the session's encode, compacted (see _compact)."""
+    from . import ablation, features
+
+    probe, depth, x = entry.probe, entry.depth, entry.x
+    if gpu.keep_on_cpu():
+        probe = features.FeatureProbe(probe.features.to(model.device), info=model.info)
+        depth, x = depth.to(model.device), x.to(model.device)
+    return _compact(ablation.ablate(model, x, block - 1, chosen, mode, baseline=probe, baseline_depth=depth),
+                    model, entry.meta)
+
+
+@gpu.on_gpu("export")
+def _export(model, path, **options):
+    from . import export
+
+    return export.export_onnx(model, path, **options)
+
+
 def _compact(result, model, meta) -> dict:
     """What the Ablation tab keeps of an ablation.AblationResult: its depth at the image's size,
     the shares and their figure, the two mean differences; not the re-run's records."""
@@ -270,14 +326,11 @@ class Lab:
                 key: tuple, progress: Optional[ProgressFn] = None) -> Entry:
         import torch
 
-        from . import features
-
         model = self.manager.get(model_name, progress)
         t0 = time.perf_counter()
-        x, meta = model.preprocess(rgb, base_size, keep_aspect)
+        x, meta = model.preprocess(rgb, base_size, keep_aspect, device="cpu" if gpu.keep_on_cpu() else None)
         with self.store.reserving(model_name, x.shape[-2] * x.shape[-1]), torch.inference_mode():
-            probe = features.capture(model, x)      # attention q / k, norms and tokens: every lens
-            depth = model.decode(probe.features)
+            probe, depth = _recorded_encode(model, x)
         depth_image = model.postprocess(depth, meta)
         return Entry(key, model_name, model.info, meta, x, probe, depth, depth_image,
                      encode_s=time.perf_counter() - t0)
@@ -325,6 +378,7 @@ class Lab:
         if not same_image:
             new.update(click=None, feature_click=None, rollout_click=None, ablation_click=None)
         new["display"] = None
+        self.store.revive(session or DEFAULT_SESSION)     # a user's own encode: keep it, even after a reconnect
         entry = self.entry(session, new, progress)
         view = depth_mod.render(entry.depth_image, metric=bool(info.metric), cmap=cmap)
         h, w = rgb.shape[:2]
@@ -569,9 +623,8 @@ class Lab:
         mode = str(mode or "neighbours").strip().lower()
         try:
             with self.store.using(entry):      # the latest run is kept (its depth and shares, not its records)
-                res = _latest(entry, "ablation", (block, tuple(chosen), mode), lambda: _compact(
-                    ablation.ablate(model, entry.x, block - 1, chosen, mode, baseline=entry.probe,
-                                    baseline_depth=entry.depth), model, entry.meta))
+                res = _latest(entry, "ablation", (block, tuple(chosen), mode),
+                              lambda: _ablated(model, entry, block, chosen, mode))
         except ablation.AblationError as exc:
             raise SessionError(str(exc)) from None
         metric = bool(entry.info.metric)
@@ -680,7 +733,7 @@ class Lab:
         else:
             model = self.manager.get(entry.model_name)
             with self.store.using(entry):  # the fusion inputs are kept (again, for a reloaded model)
-                scaled = model.postprocess(fusion.scaled_depth(model, entry.feats, scales), entry.meta)
+                scaled = model.postprocess(_scaled_decode(model, entry.feats, scales), entry.meta)
         dt = time.perf_counter() - t0
         metric = bool(entry.info.metric)
         diff = scaled - entry.depth_image
@@ -809,7 +862,7 @@ class Lab:
         size = None if base_size in (None, "", 0, "0") else _number(base_size, "base size", integer=True, lo=28,
                                                                      hi=2048)
         try:
-            from . import export
+            from . import export  # noqa: F401 - is it there (onnx, onnxruntime)?
         except ImportError as exc:
             raise SessionError(f"ONNX export is not available in this installation ({exc})") from None
         model = self.manager.get(name, progress)
@@ -818,6 +871,5 @@ class Lab:
         stem = _safe_stem(name.replace(" ", "_")) + ("-fp16" if fp16 else "") + ("-pre" if with_preprocessing else "")
         if progress:
             progress(0.05, f"exporting {name} to ONNX and verifying it with onnxruntime")
-        return export.export_onnx(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),
-                                  with_preprocessing=bool(with_preprocessing), opset=opset, verify=True,
-                                  base_size=size)
+        return _export(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),
+                       with_preprocessing=bool(with_preprocessing), opset=opset, verify=True, base_size=size)

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 DEFAULT_CACHE_BYTES = 2 << 30
+ENDED_KEPT = 10_000          # closed sessions remembered (a few hundred kB)
 # An encode's peak working set against the entry it leaves: the entry itself plus the
 # transients (decoder maps at full resolution, the MLP's hidden layer, the resize back).
 # bench/working_set.py: 2.5-2.6x for ViT-S on the wide inputs that cost the most, 3-3.8x
@@ -161,6 +162,9 @@ class FeatureStore:
         self._entries: "OrderedDict[tuple[str, tuple], Entry]" = OrderedDict()
         self._lock = threading.Lock()
         self._session_locks: dict[str, threading.RLock] = {}
+        # sessions whose page closed (Gradio's session hashes are not reused): a background job that
+        # still asks for one gets its entry computed but not kept, and leaves no lock behind
+        self._ended: "OrderedDict[str, None]" = OrderedDict()
         self.encodes = 0
         self.too_large = 0          # entries handed out but not kept (larger than the cap alone)
         self.reserved = 0           # bytes set aside for encodes in flight (see reserving)
@@ -193,7 +197,16 @@ class FeatureStore:
         if hit is not None:
             return hit
         with self._lock:
-            lock = self._session_locks.setdefault(session, threading.RLock())
+            if session in self._ended:      # a late call of a closed session (a background job): not kept
+                ended = True
+            else:
+                ended = False
+                lock = self._session_locks.setdefault(session, threading.RLock())
+        if ended:
+            entry = compute()
+            with self._lock:
+                self.encodes += 1
+            return entry
         with lock:
             hit = self.get(session, key)
             if hit is not None:
@@ -269,7 +282,20 @@ class FeatureStore:
             for k in keys:
                 del self._entries[k]
             self._session_locks.pop(session, None)
+            self._ended[session] = None
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
             return len(keys)
+
+    def revive(self, session: str) -> None:
+        """The session is in use again (its page asked for a new encode after a reconnect)."""
+        with self._lock:
+            self._ended.pop(session, None)
+
+    def ended(self, session: str) -> bool:
+        """Whether this session was dropped (its page closed): nothing is kept for it any more."""
+        with self._lock:
+            return session in self._ended
 
     def clear(self) -> None:
         with self._lock:

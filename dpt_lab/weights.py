@@ -41,6 +41,7 @@ __all__ = [
     "WeightsError",
     "UnknownModelError",
     "known_model",
+    "hub_status",
     "weights_dir",
     "scan_weights",
     "resolve_in_weights_dir",
@@ -338,6 +339,14 @@ def _reachable(url: str, timeout: float) -> tuple[bool, str]:
     if isinstance(err, socket.gaierror):
         return False, f"cannot resolve {parsed.hostname} ({err.strerror or err})"
     return False, f"no answer from {parsed.hostname} ({err})"
+
+
+def hub_status(timeout: float = 3.0) -> tuple[bool, str]:
+    """(True, "") when the Hub (HF_ENDPOINT) answers within `timeout` seconds, else (False,
+    why): offline mode, a name that does not resolve, a refused connection, or silence."""
+    if _offline():
+        return False, "HF_HUB_OFFLINE is set (offline mode)"
+    return _reachable(_endpoint(), timeout)
 
 
 def _manual_hint(model: KnownModel, folder: Path) -> str:

@@ -76,10 +76,11 @@ class AppServer:
 def launch(tmp: Path, *, checkpoints: Iterable[str] = ("depth_anything_v2_vits",),
            prepare_weights: Optional[Callable[[Path], None]] = None, queue_max: int = 16,
            cache_mb: Optional[int] = None, max_models: Optional[int] = None,
-           heartbeat_s: float = 0.5) -> AppServer:
+           heartbeat_s: float = 0.5, offline: bool = True) -> AppServer:
     """Start the app as `python app.py` would (same queue, file limits, allowed paths, CSS),
     with the given fixture checkpoints (tests/fixtures.py stems) in a fresh weights folder.
-    prepare_weights(folder) may add more files there before the app scans it."""
+    prepare_weights(folder) may add more files there before the app scans it. offline=False
+    leaves HF_HUB_OFFLINE as the caller set it (a test with a fake Hub)."""
     from fixtures import save_fixture_checkpoint
 
     import app as app_module
@@ -91,8 +92,10 @@ def launch(tmp: Path, *, checkpoints: Iterable[str] = ("depth_anything_v2_vits",
     gradio_tmp = tmp / "gradio"
     weights.mkdir(parents=True, exist_ok=True)
     gradio_tmp.mkdir(parents=True, exist_ok=True)
-    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"),
+    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HOME=str(tmp / "hf"),
                       GRADIO_HEARTBEAT_INTERVAL=str(heartbeat_s), GRADIO_TEMP_DIR=str(gradio_tmp))
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if cache_mb is not None:
         os.environ["DPT_LAB_CACHE_MB"] = str(int(cache_mb))
     else:

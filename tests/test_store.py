@@ -179,3 +179,21 @@ def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     assert seen["sessions"] == {"b"}              # the least recently used went first
     assert lab.store.reserved == 0                # given back once the encode is done
     assert lab.store.nbytes <= lab.store.max_bytes
+
+
+def test_a_closed_session_keeps_nothing_from_late_work(lab):
+    """A background job (a hidden tab's prepare) that asks for a session after its page closed
+    gets its answer, but the store keeps neither an entry nor a lock for that session."""
+    st, _ = lab.depth_view("gone", None, picture(30), S.RANDOM_MODEL, BASE)
+    assert lab.store.entries("gone") and not lab.store.ended("gone")
+    assert lab.store.drop("gone") == 1
+    assert lab.store.ended("gone") and lab.store.nbytes == 0
+    encodes = lab.store.encodes
+    view = lab.norms_view("gone", st)                 # the late job re-encodes the image ...
+    assert view.result.num_blocks == 12 and lab.store.encodes > encodes
+    assert lab.store.entries("gone") == [] and lab.store.nbytes == 0       # ... and nothing stays
+    assert "gone" not in lab.store._session_locks
+    lab.depth_view("new", None, picture(31), S.RANDOM_MODEL, BASE)        # other sessions are as before
+    assert len(lab.store.entries("new")) == 1
+    lab.depth_view("gone", st, picture(30), S.RANDOM_MODEL, BASE)         # the page came back and encodes:
+    assert len(lab.store.entries("gone")) == 1 and not lab.store.ended("gone")   # kept again

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_hub import serving_hub
 
 from dpt_lab import weights as W
 from dpt_lab.weights import (
@@ -382,13 +383,6 @@ def test_silent_server_fails_within_timeout(clean_env, monkeypatch, tmp_path):
 @pytest.fixture
 def fake_hub(clean_env, monkeypatch):
     """A local HTTP server answering the few Hub routes huggingface_hub uses for downloads."""
-    import hashlib
-    import http.server
-    import json
-    import re
-    import threading
-
-    commit = "c" * 40
     files = {
         "depth_anything_v2_vits.pth": b"p" * 200_000,
         "config.json": b'{"model_type": "depth_anything"}',
@@ -397,61 +391,8 @@ def fake_hub(clean_env, monkeypatch):
         "README.md": b"not fetched",
         "dpt_swin2_tiny_256.pt": b"m" * 3_000,
     }
-    seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def send(self, body: bytes, head: bool, ctype="application/octet-stream", extra=()):
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in extra:
-                self.send_header(k, v)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-
-        def answer(self, head: bool):
-            path = self.path.split("?")[0]
-            seen.append(f"{self.command} {path}")
-            if path == "/":
-                return self.send(b"", head)
-            if re.match(r"^/api/models/.+?/revision/", path):
-                info = {"id": "x", "sha": commit, "siblings": [{"rfilename": f} for f in files]}
-                return self.send(json.dumps(info).encode(), head, "application/json")
-            if re.match(r"^/api/models/.+?/tree/", path):
-                tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                        for f, b in files.items()]
-                return self.send(json.dumps(tree).encode(), head, "application/json")
-            m = re.match(r"^/.+?/resolve/[^/]+/(.+)$", path) or re.match(r"^/releases/(.+)$", path)
-            if m and m[1] in files:
-                body = files[m[1]]
-                return self.send(body, head, extra=[("X-Repo-Commit", commit),
-                                                    ("ETag", f'"{hashlib.sha1(body).hexdigest()}"')])
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_HEAD(self):
-            self.answer(True)
-
-        def do_GET(self):
-            self.answer(False)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)   # in case it was set at import
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    yield url, files, seen
-    server.shutdown()
-    server.server_close()
+    with serving_hub(files, monkeypatch) as (url, seen):
+        yield url, files, seen
 
 
 def test_download_file_into_cache_then_reuse(fake_hub, tmp_path):

@@ -16,6 +16,7 @@ recorded q/k/bias cannot drift from what the model really does.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -165,6 +166,18 @@ class EncoderFeatures:
     input_size: tuple[int, int] = (0, 0)
     extras: dict = field(default_factory=dict)
     embedded: Optional[Tensor] = None         # the stream entering block 0 (Record(tokens=True))
+
+    def to(self, device) -> "EncoderFeatures":
+        """A copy with every tensor (maps, CLS, records, embedding) on `device`; the decoder's
+        cached fusion inputs are left behind (they are recomputed where the decoder runs)."""
+        def move(t):
+            return t.to(device) if isinstance(t, Tensor) else t
+
+        blocks = None if self.blocks is None else [
+            dataclasses.replace(b, **{f.name: move(getattr(b, f.name)) for f in dataclasses.fields(b)})
+            for b in self.blocks]
+        return EncoderFeatures([move(m) for m in self.maps], None if self.cls is None else [move(c) for c in self.cls],
+                               self.out_size, blocks, self.input_size, {}, move(self.embedded))
 
     def detach_records(self) -> "EncoderFeatures":
         """A copy without the per-block records (what the fusion tool caches)."""

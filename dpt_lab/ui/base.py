@@ -295,7 +295,7 @@ def wire_refreshes(ctx: Context, tabs: list[tuple[str, Any, Tab]]) -> None:
             elif t.prepare is not None and has_image(st):
                 later.append((tab_id, t.prepare, mine))
         if later:
-            _prepare_in_background(sid(request), dict(st), later)
+            _prepare_in_background(lab, sid(request), dict(st), later)
         return tuple(values[id(c)] for c in all_outputs)
 
     for event in ctx.encodes:
@@ -310,11 +310,13 @@ def wire_refreshes(ctx: Context, tabs: list[tuple[str, Any, Tab]]) -> None:
                         tab.outputs, api_visibility="private", **MODEL_EVENT)
 
 
-def _prepare_in_background(session: str, st: dict, jobs: list) -> None:
+def _prepare_in_background(lab: S.Lab, session: str, st: dict, jobs: list) -> None:
     """Run the hidden tabs' prepare hooks after this event has answered (a daemon thread: a
     failure only means the tab computes its view when opened, as it would anyway)."""
     def run():
         for tab_id, prepare, controls in jobs:
+            if lab.store.ended(session):      # the page closed meanwhile: nothing to prepare for
+                return
             try:
                 prepare(session, st, *controls)
             except Exception as exc:      # noqa: BLE001 - logged; the tab's own refresh reports errors
