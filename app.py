@@ -7,7 +7,7 @@
 Each tab is a module of dpt_lab/ui (its components, handlers and API names); the work is
 in dpt_lab.session. API endpoints (gradio_client, the "Use via API" page): /depth,
 /attention, /rollout, /attention_distance, /features, /norms, /norms_files, /ablation, /fusion,
-/fusion_files, /mask, /scene3d, /export. /depth must run first in
+/fusion_files, /mask, /scene3d, /video, /export. /depth must run first in
 a session: the other endpoints work on the image it encoded (kept per session, dropped on
 unload).
 """
@@ -25,13 +25,14 @@ from dpt_lab import (
 )
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
-from dpt_lab.ui import ablation, attention, depth, export, features, fusion, mask, norms, rollout, scene3d
+from dpt_lab.ui import ablation, attention, depth, export, features, fusion, mask, norms, rollout, scene3d, video
 from dpt_lab.ui.base import Context, page_script, sid, wire_refreshes
 
-TABS = (depth, attention, rollout, features, norms, ablation, fusion, mask, scene3d, export)    # the page's tabs, in order
+# the page's tabs, in order
+TABS = (depth, attention, rollout, features, norms, ablation, fusion, mask, scene3d, video, export)
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
-MAX_FILE_SIZE = "50mb"
+MAX_FILE_SIZE = "200mb"      # a 10 s 4K phone clip is ~100 MB (images are bounded by imaging.MAX_PIXELS)
 QUEUE_MAX = 32
 JS = page_script([m.PICKER for m in TABS if hasattr(m, "PICKER")])   # run by the page on load (launch(js=...))
 CSS = """
@@ -78,7 +79,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
         demo.load(on_page_load, None, [model_dd, base], api_visibility="private", queue=False)
         _wire_download_banner(lab, ctx, model_md)
         def forget(request: gr.Request):
-            lab.store.drop(sid(request))
+            lab.forget(sid(request))
 
         demo.unload(forget)
     demo.dpt_lab = lab   # for tests: the Lab behind this app

@@ -10,6 +10,7 @@
     python -m dpt_lab fusion IMAGE --model M --scales 1,0.5,0,1 --out depth.png
     python -m dpt_lab mask IMAGE --model M --range 0.3,1.0 [--invert] [--plane 1.0] --out cutout.png [--mask mask.png]
     python -m dpt_lab scene IMAGE --model M --out scene.glb [--ply scene.ply] [--fov 60 | --focal PX] [--points]
+    python -m dpt_lab video IN --model M --out depth.mp4 [--side-by-side] [--max-seconds S] [--stride N] [--npz depth.npz]
     python -m dpt_lab export --model M --out model.onnx [--fixed HxW] [--fp16]
 
 Each subcommand lives in its module (`add_subcommand` / `run_cli`). Errors DPT Lab raises
@@ -29,7 +30,7 @@ from typing import Optional, Sequence
 from .errors import one_line
 
 #: subcommand modules, in the order --help lists them (each registers its command); export is optional (see _add)
-SUBCOMMANDS = ("depth", "attention", "features", "norms", "ablation", "fusion", "mask", "scene", "export")
+SUBCOMMANDS = ("depth", "attention", "features", "norms", "ablation", "fusion", "mask", "scene", "video", "export")
 EXIT_USER_ERROR = 2
 
 

@@ -48,6 +48,7 @@ from .store import DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the 
 DEFAULT_SESSION = "default"
 DISPLAY_MAX = 1024            # longest side of the clickable / overlay images (pixels)
 TABLE_LIMIT = 500             # outlier rows sent to the browser (the CSV has all norms)
+WEBCAM_MAX = 640              # longest side a webcam frame is worked on and shown at
 
 
 FUSION_RANGE = (FUSION_MIN, FUSION_MAX)
@@ -318,8 +319,19 @@ class Lab:
     """The plain functions behind the tabs, over one ModelManager and one FeatureStore."""
 
     def __init__(self, manager: ModelManager, store: Optional[FeatureStore] = None):
+        import threading
+
         self.manager = manager
         self.store = store or FeatureStore()
+        self._video_lock = threading.Lock()
+        self._video_cancel: dict[str, Any] = {}      # session -> the Event that cancels its running video job
+        self._webcam: dict[str, list] = {}           # session -> times of its last webcam frames
+
+    def forget(self, session: str) -> None:
+        """The session's page closed: its encodes, its webcam timing and any video job go."""
+        self.store.drop(session)
+        self._webcam.pop(session, None)
+        self.cancel_video(session)
 
     # -- the shared encode ---------------------------------------------------------------
     def _encode(self, model_name: str, rgb: np.ndarray, base_size: Optional[int], keep_aspect: Optional[bool],
@@ -849,6 +861,84 @@ class Lab:
                 f"{'point cloud' if points else f'{len(mesh.faces):,} triangles'} · focal {f:.1f} px "
                 f"(horizontal field of view {math.degrees(2 * math.atan(w / 2 / f)):.1f}°) · {units}")
         return SceneResult(glb, ply, mesh, text)
+
+    # -- Video tab -----------------------------------------------------------------------
+    def video_job(self, session: str, source, model_name, folder, base_size=None, max_seconds=10.0, stride=1,
+                  target_fps=0, side_by_side=False, normalise="clip", cmap="turbo", raw="none",
+                  progress: Optional[ProgressFn] = None):
+        """Depth of a video (video.depth_video) into `folder`: the MP4 and, as `raw` asks, the
+        raw depth (npz | png zip). One job per session at a time; cancel_video stops it."""
+        import threading
+
+        from . import video
+
+        name = self.manager.validate(model_name)
+        raw = str(raw or "none").strip().lower()
+        if raw not in ("none", "npz", "png zip"):
+            raise SessionError(f"raw depth must be 'none', 'npz' or 'png zip', got {raw!r}")
+        size = None if base_size in (None, "", 0, "0") else _number(base_size, "base size", integer=True, lo=28,
+                                                                     hi=2048)
+        fps = 0 if target_fps in (None, "") else _number(target_fps, "target fps", lo=0, hi=240)
+        key = session or DEFAULT_SESSION
+        with self._video_lock:
+            if key in self._video_cancel:
+                raise SessionError("a video job is already running in this session: wait for it, or cancel it")
+            cancel = self._video_cancel[key] = threading.Event()
+        try:
+            model = self.manager.get(name, progress)
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = _safe_stem(Path(str(source)).stem) + "_depth"
+            report = video.depth_video(
+                model, source, folder / f"{stem}.mp4", base_size=size, max_seconds=max_seconds, stride=stride,
+                side_by_side=bool(side_by_side), normalise=normalise, cmap=_cmap(cmap),
+                npz=folder / f"{stem}.npz" if raw == "npz" else None, progress=progress,
+                png_zip=folder / f"{stem}_png16.zip" if raw == "png zip" else None, cancel=cancel.is_set,
+                target_fps=fps or None)
+        except video.VideoError as exc:
+            raise SessionError(str(exc)) from None
+        finally:
+            with self._video_lock:
+                self._video_cancel.pop(key, None)
+        return report
+
+    def cancel_video(self, session: str) -> bool:
+        """Ask the session's running video job to stop after its current batch (False: none runs)."""
+        with self._video_lock:
+            event = self._video_cancel.get(session or DEFAULT_SESSION)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def webcam_frame(self, session: str, frame, model_name, base_size=252, cmap="turbo") -> tuple[np.ndarray, str]:
+        """One webcam frame's depth, coloured (model.predict at a small base size), and the
+        frames per second this session's stream runs at (over its last frames)."""
+        from . import depth as depth_mod
+        from . import imaging
+
+        if frame is None:
+            raise SessionError("no webcam frame yet")
+        model = self.manager.get(self.manager.validate(model_name))
+        size = _number(base_size, "webcam base size", integer=True, lo=28, hi=1036)
+        t0 = time.perf_counter()
+        rgb = imaging.load_image(frame)
+        h, w = rgb.shape[:2]
+        if max(h, w) > WEBCAM_MAX:       # cameras send up to 4K: the depth is shown small, so work small
+            from PIL import Image
+
+            s = WEBCAM_MAX / max(h, w)
+            rgb = np.asarray(Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))),
+                                                         Image.BILINEAR))
+        d = model.predict(rgb, base_size=size)
+        work = time.perf_counter() - t0
+        coloured = depth_mod.render(d, metric=bool(model.info.metric), cmap=_cmap(cmap)).colored
+        stamps = self._webcam.setdefault(session or DEFAULT_SESSION, [])
+        stamps.append(time.perf_counter())
+        del stamps[:-20]
+        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+        return coloured, (f"{rate:.1f} frames/s shown · {work * 1000:.0f} ms of depth per frame at base size {size} · "
+                          f"{rgb.shape[1]}x{rgb.shape[0]}")
 
     # -- Export tab ----------------------------------------------------------------------
     def export_model(self, model_name, folder, *, dynamic=True, fp16=False, with_preprocessing=False,

@@ -57,7 +57,7 @@ def test_startup_pick_and_endpoints(served):
     assert model == "depth-anything-v2-small" and not lab.manager.untrained
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     for name in ("/depth", "/attention", "/rollout", "/attention_distance", "/features", "/norms", "/ablation",
-                 "/fusion", "/mask", "/scene3d", "/export"):
+                 "/fusion", "/mask", "/scene3d", "/video", "/export"):
         assert name in api
     params = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in api}
     assert params["/depth"] == ["image", "model", "base_size", "keep_aspect", "colormap"]
@@ -172,6 +172,29 @@ def test_ablation_replaces_the_patches_and_shows_the_difference(served, depth_re
         client.predict(7, "outliers", "", "zero", "1e9", "turbo", api_name="/ablation")
     with pytest.raises(Exception, match="outside"):
         client.predict(7, "patches", "99,0", "zero", "auto", "turbo", api_name="/ablation")
+
+
+def test_video_gives_an_h264_mp4_of_the_depth_and_the_raw_depth(served, tmp_path):
+    from clips import make_clip, read_frames
+    from gradio_client import handle_file
+
+    client, _, lab, model, _ = served
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)                                            # 2 s at 12 fps, 132 x 98
+    mp4, raw, text = client.predict(handle_file(str(clip)), model, 140, 10, 2, 0, "clip", True, "turbo", "npz",
+                                    api_name="/video")
+    frames, info = read_frames(mp4)
+    assert len(frames) == 12 and (info["codec"], info["pix_fmt"], info["width"]) == ("h264", "yuv420p", 264)
+    assert np.load(raw)["depth"].shape[0] == 12
+    assert "12 frames at 6 fps" in text and "no audio" in text
+    mp4, raw, text = client.predict(handle_file(str(clip)), model, 140, 1, 1, 4, "frame", False, "gray", "none",
+                                    api_name="/video")
+    assert raw is None and len(read_frames(mp4)[0]) == 4 and "cut at 1 s" in text     # target 4 fps: every 3rd
+    not_video = tmp_path / "not_a_video.mp4"
+    not_video.write_bytes(b"plain bytes")
+    with pytest.raises(Exception, match="not a video"):
+        client.predict(handle_file(str(not_video)), model, 140, 10, 1, 0, "clip", False, "turbo", "none",
+                       api_name="/video")
 
 
 def test_norms_gives_figures_and_table(served, depth_result):

@@ -252,7 +252,7 @@ def test_an_upload_over_the_size_limit(app_server, tmp_path):
 
     big = tmp_path / "big.png"
     with open(big, "wb") as f:
-        f.truncate(51 << 20)                     # sparse: 51 MB of zeros without writing them
+        f.truncate(201 << 20)                    # sparse: 201 MB of zeros without writing them
     # gradio_client checks the limit the app declares before uploading ...
     with pytest.raises(ValueError, match="exceeds the maximum file size"):
         app_server.client().predict(handle_file(str(big)), app_server.model, BASE, "default", "turbo",

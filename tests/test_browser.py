@@ -19,7 +19,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+                 "--disable-component-update", "--no-first-run",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]   # a fake webcam
 ASSET = ROOT / "assets" / "chelsea.jpg"          # 451 x 300, the first example
 BASE = 266                                       # small processing size: fast on CPU
 OUT = ROOT / "test-output" / "browser"
@@ -99,6 +100,7 @@ def browser_page(app_server):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            context.grant_permissions(["camera"])
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -443,6 +445,49 @@ def test_ablation_tab_clicks_patches_and_shows_the_difference_map(browser_page):
     ref = lab.ablation_view(session, dict(state), 7, "patches", text, "neighbours")
     assert_shown(img_pixels(page, "#ablation-difference"), ref.difference)
     shot(page, "ablation", full_page=True)
+    assert not errors, errors
+
+
+def test_video_tab_plays_the_depth_video(browser_page, tmp_path):
+    from clips import make_clip
+
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Video", exact=True).click()
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    page.set_input_files("#video-input input[type=file]", str(clip))
+    page.wait_for_selector("#video-input video")
+    page.locator("#video-run").click()
+    wait_text(page, "#video-info", "24 frames at 12 fps")
+    page.wait_for_selector("#video-output video")
+    duration = page.evaluate("""async () => {
+        const v = document.querySelector('#video-output video');
+        if (!(v.readyState >= 1)) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
+        return v.duration; }""")
+    assert duration == pytest.approx(2.0, abs=0.2)              # the browser plays the H.264 MP4 it got
+    assert "no audio" in page.locator("#video-info").inner_text()
+    shot(page, "video")
+    assert not errors, errors
+
+
+def test_webcam_streams_depth(browser_page):
+    """Chromium's fake camera (--use-fake-device-for-media-stream) through the webcam component:
+    depth frames come back while it streams."""
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Video", exact=True).click()
+    page.get_by_text("Webcam: depth live").click()
+    cam = page.locator("#webcam-input")
+    cam.wait_for()
+    cam.get_by_text("Click to Access Webcam").click()              # the browser's camera: Chromium's fake one
+    cam.get_by_role("button", name="capture photo").click()          # "Record": the stream starts
+    page.wait_for_function("() => { const e = document.querySelector('#webcam-depth img'); "
+                           "return e && e.naturalWidth > 0; }", timeout=60_000)
+    text = wait_text(page, "#webcam-info", "frames/s shown", timeout_ms=60_000)
+    assert "at base size 252" in text
+    shot(page, "webcam")
+    stop = cam.get_by_role("button", name=re.compile("stop", re.I))
+    if stop.count():
+        stop.first.click()
     assert not errors, errors
 
 
