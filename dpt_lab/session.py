@@ -460,7 +460,7 @@ class Lab:
         entry = self.entry(session, state)
         probe = entry.probe
         n_layers = probe.num_layers
-        layer = n_layers if layer is None or layer == "" else _number(layer, "layer", integer=True, lo=1, hi=n_layers)
+        layer = self._block(probe, layer, "layer")
         l0 = layer - 1
         mode = str(mode or "row").strip().lower()
         if mode not in ("row", "column"):

@@ -55,6 +55,13 @@ MAX_BATCH = 8
 CRF = 18                         # libx264 quality (lower is better; 18 is visually lossless)
 
 
+def _spare_cores() -> bool:
+    """More than 4 cores: FFmpeg may thread its decoding and encoding beside the model's threads."""
+    import os
+
+    return (os.cpu_count() or 1) > 4
+
+
 class VideoError(DPTLabError, ValueError):
     """A video DPT Lab cannot read or write, and why (one line)."""
 
@@ -122,7 +129,10 @@ class _Reader:
     def __init__(self, src, stride: int, max_seconds: float, depth: int):
         self.container = _open(src)
         stream = self.container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if _spare_cores():
+            stream.thread_type = "AUTO"
+        else:                             # a few cores: FFmpeg's decoding threads would take them from the model
+            stream.codec_context.thread_count = 1
         self.stream = stream
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         self.fps_in = float(rate)
@@ -214,7 +224,7 @@ class _Writer:
         self.container = av.open(str(out), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.w, self.h, "yuv420p"
-        self.stream.options = {"crf": str(CRF), "preset": "veryfast"}
+        self.stream.options = {"crf": str(CRF), "preset": "veryfast", **({} if _spare_cores() else {"threads": "1"})}
         self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:

@@ -96,3 +96,19 @@ def windows_to_image(win_attn: torch.Tensor, grid, window: int, shift: int) -> t
         tokens = ((rolled_r + shift) % h) * w + (rolled_c + shift) % w      # undo the roll
         full[:, tokens[:, None], tokens[None, :]] = win_attn[win]
     return full
+
+
+def swin2_every_block(reference, x):
+    """(blocks, each block's attention probabilities, each block's output tokens) of a transformers
+    DPT-SwinV2 on x: transformers returns only each stage's last block, so every block is hooked."""
+    blocks = [blk for stage in reference.backbone.encoder.layers for blk in stage.blocks]
+    attn, outs = [], []
+    hooks = [blk.attention.register_forward_hook(lambda _m, _a, out: attn.append(out[1])) for blk in blocks]
+    hooks += [blk.register_forward_hook(lambda _m, _a, out: outs.append(out[0])) for blk in blocks]
+    try:
+        with torch.inference_mode():
+            reference(pixel_values=x, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return blocks, attn, outs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures import save_fixture_checkpoint
-from hf_reference import beit_hf, swin2_hf, windows_to_image
+from hf_reference import beit_hf, swin2_every_block, swin2_hf, windows_to_image
 
 import dpt_lab
 from dpt_lab import attention
@@ -209,15 +209,7 @@ def test_swin2_rows_match_transformers(tmp_path):
     model = dpt_lab.load_model(tmp_path / "dpt-swinv2-tiny")
     x = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(6))
 
-    blocks = [blk for stage in reference.backbone.encoder.layers for blk in stage.blocks]
-    seen = []   # transformers returns only each stage's last block: hook every block's attention
-    hooks = [blk.attention.register_forward_hook(lambda _m, _a, out: seen.append(out[1])) for blk in blocks]
-    try:
-        with torch.inference_mode():
-            reference(pixel_values=x, output_attentions=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    blocks, seen, _ = swin2_every_block(reference, x)
     probe = attention.capture(model, x)
     assert probe.cls_token is None and probe.num_layers == 8
     assert [probe.grid(l) for l in range(0, 8, 2)] == [(16, 32), (8, 16), (4, 8), (2, 4)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_reference import beit_hf, depth_anything_hf, swin2_hf, windows_to_image
+from hf_reference import beit_hf, depth_anything_hf, swin2_every_block, swin2_hf, windows_to_image
 from PIL import Image
 
 import dpt_lab
@@ -173,16 +173,7 @@ def swin_case(tmp_path_factory):
     reference = swin2_hf(folder)
     model = dpt_lab.load_model(folder)
     x = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(12))
-    blocks = [blk for stage in reference.backbone.encoder.layers for blk in stage.blocks]
-    attn, outs = [], []
-    hooks = [blk.attention.register_forward_hook(lambda _m, _a, out: attn.append(out[1])) for blk in blocks]
-    hooks += [blk.register_forward_hook(lambda _m, _a, out: outs.append(out[0])) for blk in blocks]
-    try:
-        with torch.inference_mode():
-            reference(pixel_values=x, output_attentions=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    blocks, attn, outs = swin2_every_block(reference, x)
     probe = features.capture(model, x)
     mats = [windows_to_image(a, probe.grid(b), blocks[b].window_size, blocks[b].shift_size)
             for b, a in enumerate(attn)]
