@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     except DPTLabError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(f"dpt-lab: model {manager.startup} ({manager.startup_reason}) on {manager.device}"
+    print(f"dpt-lab: model {manager.startup} ({manager.startup_reason}); device {manager.device_spec}"
           f"{'' if manager.dtype is None else f' in {args.dtype} (autocast)'}{gpu.describe()}", flush=True)
     if manager.untrained:
         print("dpt-lab: WARNING: " + manager.banner().replace("**", "").replace("`", ""), flush=True)

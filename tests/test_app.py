@@ -360,4 +360,5 @@ def test_app_without_weights_or_internet_shows_the_untrained_banner(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             out = proc.communicate()[0]
-    assert "random weights" in out                                # and said so on the console
+    assert "random weights" in out                                # and said so on the console,
+    assert "the Hub cannot be reached" in out and "HF_HUB_OFFLINE is set" in out   # with why
