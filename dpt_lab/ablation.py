@@ -176,12 +176,14 @@ def attention_share(probe: AttentionProbe, block: int, patches: Sequence[tuple[i
     return out
 
 
-def outlier_patches(probe: AttentionProbe, block: int, threshold="auto") -> list[tuple[int, int]]:
+def outlier_patches(probe: AttentionProbe, block: int, threshold="auto", *, result=None) -> list[tuple[int, int]]:
     """The norms tab's outliers (norms.find_outliers with `threshold`) of every block on `block`'s
-    grid (SwinV2: the blocks of its stage): the high-norm tokens, wherever they show up."""
+    grid (SwinV2: the blocks of its stage): the high-norm tokens, wherever they show up. result:
+    the probe's norms when already at hand (norms.norms_from_features of the same encode)."""
     from . import norms
 
-    result = norms.norms_from_features(probe.features, batch=probe.batch)
+    if result is None:
+        result = norms.norms_from_features(probe.features, batch=probe.batch)
     out = norms.find_outliers(result, threshold=threshold)
     grid = probe.grid(block)
     return sorted({(r, c) for b, r, c, _, _ in out.rows if tuple(result.grids[b - 1]) == tuple(grid)})

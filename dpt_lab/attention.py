@@ -339,19 +339,19 @@ class AttentionProbe:
 
 
 @torch.inference_mode()
-def capture(model, x: Tensor, *, batch: int = 0, norms: bool = False, tokens: bool = False) -> AttentionProbe:
+def capture(model, x: Tensor, *, batch: int = 0, norms: bool = False) -> AttentionProbe:
     """One recorded encoder pass of `model` on `x` (B x 3 x H x W, normalised as by
     model.preprocess); the probe explores image `batch` of the batch. With norms=True the
     same pass also records every block's token norms (probe.features for
-    norms.norms_from_features), with tokens=True every block's output tokens (for
-    features.FeatureProbe), so one encode serves the attention, norm and feature tools.
+    norms.norms_from_features), so one encode serves the attention and norm tools
+    (features.capture records the tokens too, for the feature lenses).
 
     The encoder compacts each block's q / k as soon as the block has run (its qkv output,
     v included, is freed then: encoders/base.py keep_record), so the pass holds about what
     the probe keeps."""
     if x.ndim != 4 or not 0 <= batch < x.shape[0]:
         raise AttentionError(f"batch index {batch} is outside the input batch (shape {tuple(x.shape)})")
-    features = model.encode(x, Record(attention=True, norms=bool(norms), tokens=bool(tokens)))
+    features = model.encode(x, Record(attention=True, norms=bool(norms)))
     return AttentionProbe(features, batch=batch, info=getattr(model, "info", None))
 
 

@@ -173,8 +173,7 @@ def new_state() -> SessionState:
     """A session's state before its first image."""
     return SessionState(image=None, hash=None, name="image", model=None, base_size=None, keep_aspect=None,
                         click=None, feature_click=None, rollout_click=None, ablation_click=None, display=None,
-                        picked=None,
-                        rendered={})
+                        picked=None, rendered={})
 
 
 def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):
@@ -230,9 +229,10 @@ def image_source(image) -> tuple[Any, str]:
     return image, "image"
 
 
-def _display(rgb: np.ndarray) -> np.ndarray:
+def _display(rgb: np.ndarray, longest: int = DISPLAY_MAX) -> np.ndarray:
+    """The image with its longest side at most `longest` (bilinear), or itself."""
     h, w = rgb.shape[:2]
-    s = DISPLAY_MAX / max(h, w)
+    s = longest / max(h, w)
     if s >= 1:
         return rgb
     from PIL import Image
@@ -305,6 +305,24 @@ def _compact(result, model, meta) -> dict:
             "rerun_s": result.rerun_s}
 
 
+def _difference_image(diff: np.ndarray) -> tuple[np.ndarray, float]:
+    """(a depth difference coloured around 0: spectral over -max|d|..max|d|, mid grey when it is
+    zero everywhere; max|d|)."""
+    from . import imaging
+
+    m = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
+    image = imaging.colorize(diff, "spectral", vmin=-m, vmax=m) if m > 0 else \
+        np.full(diff.shape + (3,), 128, dtype=np.uint8)
+    return image, m
+
+
+def _base_size(value) -> Optional[int]:
+    """A base size from a control (None, '', 0: the model's own)."""
+    if value in (None, "", 0, "0"):
+        return None
+    return _number(value, "base size", integer=True, lo=28, hi=2048)
+
+
 def _latest(entry: Entry, kind: str, params, make):
     """`make()` for these params, kept in the entry as the one latest of its kind."""
     hit = entry.cache.get(kind)
@@ -361,6 +379,14 @@ class Lab:
             lambda: self._encode(state["model"], state["image"], state["base_size"], state["keep_aspect"], key,
                                  progress))
 
+    def _unscaled_view(self, entry: Entry, cmap: str):
+        """The session's depth coloured (depth.DepthView), rendered once per colormap and kept."""
+        from . import depth as depth_mod
+
+        with self.store.using(entry):
+            return entry.cached(("unscaled view", cmap),
+                                lambda: depth_mod.render(entry.depth_image, metric=bool(entry.info.metric), cmap=cmap))
+
     # -- Depth tab -----------------------------------------------------------------------
     def depth_view(self, session: str, state: Optional[dict], image, model_name, base_size=None,
                    keep_aspect=None, cmap="turbo", progress: Optional[ProgressFn] = None
@@ -374,9 +400,7 @@ class Lab:
         cmap = _cmap(cmap)
         name = self.manager.validate(model_name)
         keep = _keep_aspect(keep_aspect)
-        size = None
-        if base_size not in (None, "", 0, "0"):
-            size = _number(base_size, "base size", integer=True, lo=28, hi=2048)
+        size = _base_size(base_size)
         rgb = imaging.load_image(source)
         model = self.manager.get(name, progress)
         info = model.info
@@ -589,9 +613,9 @@ class Lab:
         if source == "patches":
             return block, ablation.parse_patches(patches)
         try:
-            with self.store.using(entry):
-                entry.norms()
-                return block, ablation.outlier_patches(probe, block - 1, norms.parse_threshold(threshold))
+            with self.store.using(entry):      # the norms are computed once and kept
+                return block, ablation.outlier_patches(probe, block - 1, norms.parse_threshold(threshold),
+                                                       result=entry.norms())
         except norms.ThresholdError as exc:
             raise SessionError(str(exc)) from None
 
@@ -622,7 +646,7 @@ class Lab:
                       mode="neighbours", threshold="auto", cmap="turbo") -> AblationView:
         """Replace the chosen tokens from `block` (1-based) on (ablation.ablate: one partial re-run
         from the recorded input of that block, plus the decoder) and compare the depth."""
-        from . import ablation, imaging
+        from . import ablation
         from . import depth as depth_mod
 
         cmap = _cmap(cmap)
@@ -640,19 +664,14 @@ class Lab:
         except ablation.AblationError as exc:
             raise SessionError(str(exc)) from None
         metric = bool(entry.info.metric)
-        diff = res["depth"] - entry.depth_image
-        m = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
-        diff_img = imaging.colorize(diff, "spectral", vmin=-m, vmax=m) if m > 0 else \
-            np.full(diff.shape + (3,), 128, dtype=np.uint8)
+        diff_img, m = _difference_image(res["depth"] - entry.depth_image)
         n_layers = entry.probe.num_layers
         text = (f"{len(chosen)} patch{'es' if len(chosen) != 1 else ''} replaced ({mode}) from block {block}/{n_layers} "
                 f"· blocks {block}..{n_layers} and the decoder re-run in {res['rerun_s'] * 1000:.0f} ms (encode was "
                 f"{entry.encode_s * 1000:.0f} ms) · mean |difference| {res['near']:.4g} on and around the patches, "
                 f"{res['elsewhere']:.4g} elsewhere · max {m:.4g}")
-        with self.store.using(entry):
-            original = entry.cached(("unscaled view", cmap),
-                                    lambda: depth_mod.render(entry.depth_image, metric=metric, cmap=cmap))
-        return AblationView(depth_mod.render(res["depth"], metric=metric, cmap=cmap), original, diff_img,
+        return AblationView(depth_mod.render(res["depth"], metric=metric, cmap=cmap), self._unscaled_view(entry, cmap),
+                            diff_img,
                             self.ablation_marked(session, state, block, chosen), res["figure"], chosen, block,
                             res["depth"], res["share"], text)
 
@@ -731,7 +750,7 @@ class Lab:
         """Depth with the four fusion factors, from the cached encoder features (only the
         decoder runs), beside the unscaled depth and their difference."""
         from . import depth as depth_mod
-        from . import fusion, imaging
+        from . import fusion
 
         try:
             scales = fusion.check_scales(scales)
@@ -748,15 +767,10 @@ class Lab:
                 scaled = model.postprocess(_scaled_decode(model, entry.feats, scales), entry.meta)
         dt = time.perf_counter() - t0
         metric = bool(entry.info.metric)
-        diff = scaled - entry.depth_image
-        m = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
-        diff_img = imaging.colorize(diff, "spectral", vmin=-m, vmax=m) if m > 0 else \
-            np.full(diff.shape + (3,), 128, dtype=np.uint8)
+        diff_img, m = _difference_image(scaled - entry.depth_image)
         text = (f"factors {', '.join(f'{s:g}' for s in scales)} · decoder only: {dt * 1000:.0f} ms "
                 f"(encode was {entry.encode_s * 1000:.0f} ms) · max |difference| {m:.4g}")
-        with self.store.using(entry):      # the unscaled view is the same for every factor: rendered once
-            unscaled = entry.cached(("unscaled view", cmap),
-                                    lambda: depth_mod.render(entry.depth_image, metric=metric, cmap=cmap))
+        unscaled = self._unscaled_view(entry, cmap)
         identity = tuple(scales) == FUSION_IDENTITY
         return FusionResult(unscaled if identity else depth_mod.render(scaled, metric=metric, cmap=cmap), unscaled,
                             diff_img, scaled, tuple(scales), text)
@@ -876,8 +890,7 @@ class Lab:
         raw = str(raw or "none").strip().lower()
         if raw not in ("none", "npz", "png zip"):
             raise SessionError(f"raw depth must be 'none', 'npz' or 'png zip', got {raw!r}")
-        size = None if base_size in (None, "", 0, "0") else _number(base_size, "base size", integer=True, lo=28,
-                                                                     hi=2048)
+        size = _base_size(base_size)
         fps = 0 if target_fps in (None, "") else _number(target_fps, "target fps", lo=0, hi=240)
         key = session or DEFAULT_SESSION
         with self._video_lock:
@@ -922,14 +935,7 @@ class Lab:
         model = self.manager.get(self.manager.validate(model_name))
         size = _number(base_size, "webcam base size", integer=True, lo=28, hi=1036)
         t0 = time.perf_counter()
-        rgb = imaging.load_image(frame)
-        h, w = rgb.shape[:2]
-        if max(h, w) > WEBCAM_MAX:       # cameras send up to 4K: the depth is shown small, so work small
-            from PIL import Image
-
-            s = WEBCAM_MAX / max(h, w)
-            rgb = np.asarray(Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))),
-                                                         Image.BILINEAR))
+        rgb = _display(imaging.load_image(frame), WEBCAM_MAX)   # cameras send up to 4K: shown small, worked small
         d = model.predict(rgb, base_size=size)
         work = time.perf_counter() - t0
         coloured = depth_mod.render(d, metric=bool(model.info.metric), cmap=_cmap(cmap)).colored
@@ -949,8 +955,7 @@ class Lab:
         resizes images to."""
         name = self.manager.validate(model_name)
         opset = None if opset in (None, "", 0, "0", "auto") else _number(opset, "opset", integer=True, lo=7, hi=30)
-        size = None if base_size in (None, "", 0, "0") else _number(base_size, "base size", integer=True, lo=28,
-                                                                     hi=2048)
+        size = _base_size(base_size)
         try:
             from . import export  # noqa: F401 - is it there (onnx, onnxruntime)?
         except ImportError as exc:
