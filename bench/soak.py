@@ -2,18 +2,21 @@
 requests served, errors and latency percentiles.
 
     python bench/soak.py [--sessions 8] [--minutes 30] [--base 518] [--images 40]
-                         [--export-every 600] [--window 10] [--reference [--reference-minutes M]]
-                         [--env K=V ...] [--out bench/results/soak.md]
+                         [--export-every 600] [--video-every 300] [--window 10]
+                         [--reference [--reference-minutes M]] [--env K=V ...] [--out bench/results/soak.md]
 
 Starts `python app.py` (offline, CPU) on the Depth-Anything-V2-S (ViT-S) fixture
 checkpoint (tests/fixtures.py: the real layout, deterministic random weights). --images
 pictures of random sizes (200-700 px a side, crops of the example photos) make the pool.
 Each of --sessions gradio_client sessions loops, closed loop (the next request when the
-answer, files included, is back): a random picture -> /depth at --base; three
-/attention clicks (random pixel, layer, row or column); /norms (auto or a fixed
-threshold, a random block); two /fusion renders with random factors; every fourth round
-/norms_files and /fusion_files. Session 0 also runs /export every --export-every seconds
-(0: never). The server's RSS is read from /proc every second.
+answer, files included, is back), through every endpoint: a random picture -> /depth at
+--base; three /attention clicks (random pixel, layer, row or column); /norms (auto or a
+fixed threshold, a random block); two /fusion renders with random factors; /features (PCA
+or similarity at a random pixel), /rollout (random pixel, layer, fusion, discard),
+/ablation (two patches, a random block and mode), /mask (a random range, plane or not);
+every fourth round /norms_files, /fusion_files, /attention_distance and /scene3d. Session
+0 also runs /export every --export-every seconds, session 1 /video of a 2 s clip every
+--video-every seconds (0: never). The server's RSS is read from /proc every second.
 
 Printed and written to --out: RSS every minute, requests and errors per endpoint, latency
 p50 / p95 / max per endpoint, requests per second, peak RSS (VmHWM) against the goal
@@ -50,6 +53,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "motorcycle_left.jpg")
 MODEL = "depth-anything-v2-small"
 CACHE_BYTES = 2 << 30          # the store's default cap (dpt_lab.session.DEFAULT_CACHE_BYTES)
+ENDPOINTS = ("depth", "attention", "norms", "fusion", "features", "rollout", "ablation", "mask", "norms_files",
+             "fusion_files", "attention_distance", "scene3d", "export", "video")
+
+
+def make_clip(path: Path, picture: Path, seconds: float = 2.0, fps: int = 10) -> Path:
+    """A short H.264 clip panning across one picture (what the /video calls send)."""
+    import av
+
+    rgb = np.asarray(Image.open(picture).convert("RGB").resize((320, 240)))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for k in range(int(seconds * fps)):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.roll(rgb, 6 * k, axis=1).copy(), format="rgb24")))
+        out.mux(stream.encode())
+    return path
 
 
 def picture_pool(folder: Path, n: int, seed: int = 0) -> list[tuple[Path, tuple[int, int]]]:
@@ -89,13 +108,14 @@ class Log:
 
 
 def session_loop(i: int, url: str, pics, base: int, log: Log, stop_at: float, export_every: float,
-                 downloads: Path) -> None:
+                 downloads: Path, clip: Path, video_every: float) -> None:
     from gradio_client import Client, handle_file
 
     rng = random.Random(1000 + i)
     client = Client(url, verbose=False, download_files=str(downloads / f"s{i}"))
     call = client.predict
     next_export = time.perf_counter() + (export_every / 2 if export_every else float("inf"))
+    next_video = time.perf_counter() + (video_every / 3 if video_every else float("inf"))
     round_no = 0
     while time.perf_counter() < stop_at:
         path, (w, h) = rng.choice(pics)
@@ -107,12 +127,29 @@ def session_loop(i: int, url: str, pics, base: int, log: Log, stop_at: float, ex
         log.call("norms", call, "fixed" if fixed else "auto", 150, rng.randint(1, 12), True)
         for _ in range(2):
             log.call("fusion", call, *(round(rng.uniform(-2, 2), 2) for _ in range(4)), "turbo")
+        if rng.random() < 0.5:
+            log.call("features", call, rng.randint(1, 12), "pca", None, None, False, 12, False, 5, 0.0, "inferno")
+        else:
+            log.call("features", call, rng.randint(1, 12), "similarity", rng.uniform(0, w - 1), rng.uniform(0, h - 1),
+                     False, 12, False, 5, 0.35, "inferno")
+        log.call("rollout", call, rng.uniform(0, w - 1), rng.uniform(0, h - 1), rng.randint(1, 12),
+                 rng.choice(("mean", "max")), rng.choice((0.0, 0.5)), False, 0.35, "inferno")
+        log.call("ablation", call, rng.randint(1, 12), "patches", f"{rng.randint(0, 9)},{rng.randint(0, 9)}; 10,12",
+                 rng.choice(("neighbours", "zero", "mean")), "auto", "turbo")
+        low = round(rng.uniform(0, 0.6), 2)
+        log.call("mask", call, low, round(rng.uniform(low + 0.1, 1.0), 2), rng.random() < 0.3,
+                 rng.choice((0.0, 1.0)))
         if round_no % 4 == 3:
             log.call("norms_files", call, "auto", 150, True)
             log.call("fusion_files", call, 1, 0.5, 0, 1, "turbo")
+            log.call("attention_distance", call)
+            log.call("scene3d", call, 60, 0, 1.0, 10.0, 0.05, 20_000, False)
         if i == 0 and time.perf_counter() >= next_export:
             log.call("export", call, MODEL, True, False, False, 0, base)
             next_export = time.perf_counter() + export_every
+        if i == 1 and time.perf_counter() >= next_video:
+            log.call("video", call, handle_file(str(clip)), MODEL, base, 10, 1, 0, "clip", False, "turbo", "npz")
+            next_video = time.perf_counter() + video_every
         round_no += 1
 
 
@@ -124,6 +161,7 @@ def one_run(tmp: Path, args, extra_env: dict, label: str, minutes: float) -> dic
     weights.mkdir()
     ckpt = save_fixture_checkpoint("depth_anything_v2_vits", weights)
     pics = picture_pool(run_dir, args.images)
+    clip = make_clip(run_dir / "clip.mp4", pics[0][0])
     proc, url = start_app(run_dir, args.python, weights, app_env(run_dir, **extra_env))
     samples: list[tuple[float, int]] = []
     t0 = time.perf_counter()
@@ -142,7 +180,7 @@ def one_run(tmp: Path, args, extra_env: dict, label: str, minutes: float) -> dic
     try:
         workers = [threading.Thread(target=session_loop, daemon=True,
                                     args=(i, url, pics, args.base, log, stop_at, args.export_every,
-                                          run_dir / "downloads"))
+                                          run_dir / "downloads", clip, args.video_every))
                    for i in range(args.sessions)]
         for w in workers:
             w.start()
@@ -189,7 +227,7 @@ def report(run: dict, args) -> list[str]:
     lines = [f"### {run['label']}" + (f" ({', '.join(f'{k}={v}' for k, v in run['env'].items())})" if run['env'] else ""),
              "", f"Server console: {run['allocator'][0].strip() if run['allocator'] else '(no allocator line)'}", "",
              "| endpoint | requests | errors | p50 ms | p95 ms | max ms |", "|---|---|---|---|---|---|"]
-    for endpoint in ("depth", "attention", "norms", "fusion", "norms_files", "fusion_files", "export"):
+    for endpoint in ENDPOINTS:
         lat = by.get(endpoint)
         if not lat:
             continue
@@ -224,6 +262,7 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=518)
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--export-every", type=float, default=600, help="seconds between exports (0: none)")
+    ap.add_argument("--video-every", type=float, default=300, help="seconds between /video jobs of a 2 s clip (0: none)")
     ap.add_argument("--window", type=float, default=10, help="minutes at the end over which growth is measured")
     ap.add_argument("--reference", action="store_true", help="first run a server with DPT_LAB_MALLOC=off")
     ap.add_argument("--reference-minutes", type=float, default=None, help="length of the reference run")
@@ -245,7 +284,8 @@ def main() -> None:
 
     cmd = "python bench/soak.py " + " ".join(
         [f"--sessions {args.sessions}", f"--minutes {args.minutes:g}", f"--base {args.base}",
-         f"--images {args.images}", f"--export-every {args.export_every:g}", f"--window {args.window:g}"]
+         f"--images {args.images}", f"--export-every {args.export_every:g}", f"--video-every {args.video_every:g}",
+         f"--window {args.window:g}"]
         + ([f"--reference --reference-minutes {ref_minutes:g}"] if args.reference else [])
         + [f"--env {kv}" for kv in args.env])
     lines = ["## Soak: every endpoint, many sessions, a long time", "",

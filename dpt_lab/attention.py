@@ -511,6 +511,29 @@ def rollout(probe: AttentionProbe, token: int, layer: Optional[int] = None, head
     return v
 
 
+def rollout_bytes(probe: AttentionProbe, layer: Optional[int] = None, head_fusion: str = "mean",
+                  discard_ratio: float = 0.0) -> int:
+    """Estimated peak bytes of the rollout matrices `rollout` still has to compute up to
+    `layer` for these settings (0 when they are kept): each one it keeps, plus a few more of
+    the largest for one layer's transients (its probabilities in chunks, the discard's sort).
+    The app reserves this under the store's cap while they are computed."""
+    fusion, ratio = _check_rollout(head_fusion, discard_ratio)
+    last = probe.num_layers - 1 if layer is None else int(layer)
+    probe._layer(last)
+    steps = probe._derived.get("rollout")
+    kept = steps[1] if steps is not None and steps[0] == (fusion, ratio) else {}
+
+    def matrix_bytes(b: int) -> int:
+        l = probe._layer(b)
+        if l.window is None:
+            return 4 * l.n * l.n
+        ph, pw = l.window.padded
+        return 4 * ph * pw * l.window.window ** 2
+
+    missing = [matrix_bytes(b) for b in range(rollout_start(probe, last), last + 1) if b not in kept]
+    return sum(missing) + 3 * max(missing) if missing else 0
+
+
 def rollout_start(probe: AttentionProbe, layer: Optional[int] = None) -> int:
     """The first layer `rollout` multiplies from, for `layer` (0 for ViTs; the stage's first on SwinV2)."""
     last = probe.num_layers - 1 if layer is None else int(layer)

@@ -103,8 +103,10 @@ def fit_plane(depth, mask=None, *, tolerance: float = PLANE_TOLERANCE, seed: int
     if len(planes) == 0:                     # every sampled triple collinear: one row or column
         coef = _least_squares(x, y, z)
     else:
-        fitted = planes[:, :1] * x + planes[:, 1:2] * y + planes[:, 2:3]
-        support = (np.abs(z - fitted) <= tol).sum(axis=1)
+        # scored 32 planes at a time: all 256 at once held ~120 MB of temporaries
+        support = np.concatenate([
+            (np.abs(z - (p[:, :1] * x + p[:, 1:2] * y + p[:, 2:3])) <= tol).sum(axis=1)
+            for p in np.array_split(planes, max(1, -(-len(planes) // 32)))])
         coef = planes[int(np.argmax(support))]
         for _ in range(2):
             inliers = np.abs(z - (coef[0] * x + coef[1] * y + coef[2])) <= tol

@@ -43,7 +43,7 @@ from . import gpu
 from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
 from .errors import DPTLabError, SessionError, finite_number  # noqa: F401 - raised by the tabs' functions
 from .models import RANDOM_MODEL, ModelManager, ProgressFn, build_random_model, untrained_banner  # noqa: F401 - as before
-from .store import DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the store's names, as before
+from .store import DECODE_FACTOR, DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the store's names, as before
 
 DEFAULT_SESSION = "default"
 DISPLAY_MAX = 1024            # longest side of the clickable / overlay images (pixels)
@@ -303,6 +303,20 @@ def _compact(result, model, meta) -> dict:
     return {"depth": model.postprocess(result.depth, meta), "share": result.attention_share,
             "figure": ablation.share_figure(result), "near": result.delta_near, "elsewhere": result.delta_elsewhere,
             "rerun_s": result.rerun_s}
+
+
+def _pixels(entry: Entry) -> int:
+    """Input pixels of the entry's encode (what its working sets scale with)."""
+    return int(entry.x.shape[-2]) * int(entry.x.shape[-1])
+
+
+# An export's peak beside the encode-like check: the traced graph, the ONNX model's copies of
+# the weights (serialised, then loaded by onnxruntime) (bench/memory_ops.py)
+EXPORT_WEIGHT_COPIES = 4
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _difference_image(diff: np.ndarray) -> tuple[np.ndarray, float]:
@@ -569,7 +583,9 @@ class Lab:
         alpha = _number(alpha, "image alpha", lo=0.0, hi=1.0)
         token = self._pick(state, "rollout_click", entry, probe, x, y, l0, cls)
         try:
-            with self.store.using(entry):      # each layer's fused matrix is kept for these settings
+            # each layer's fused matrix is kept for these settings; computing them holds more
+            with self.store.using(entry), self.store.reserve(attention.rollout_bytes(probe, l0, head_fusion,
+                                                                                     discard_ratio)):
                 picture, values = attention.rollout_view(probe, token, l0, self.display_image(state),
                                                          head_fusion=head_fusion, discard_ratio=discard_ratio,
                                                          cmap=cmap, alpha=alpha)
@@ -658,7 +674,9 @@ class Lab:
         model = self.manager.get(entry.model_name)
         mode = str(mode or "neighbours").strip().lower()
         try:
-            with self.store.using(entry):      # the latest run is kept (its depth and shares, not its records)
+            # the latest run is kept (its depth and shares, not its records); while it runs, its
+            # re-run of the blocks and the decoder holds about an encode's working set
+            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry)):
                 res = _latest(entry, "ablation", (block, tuple(chosen), mode),
                               lambda: _ablated(model, entry, block, chosen, mode))
         except ablation.AblationError as exc:
@@ -763,7 +781,8 @@ class Lab:
             scaled = entry.depth_image
         else:
             model = self.manager.get(entry.model_name)
-            with self.store.using(entry):  # the fusion inputs are kept (again, for a reloaded model)
+            # the fusion inputs are kept (again, for a reloaded model); the decoder's maps are transient
+            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry), DECODE_FACTOR):
                 scaled = model.postprocess(_scaled_decode(model, entry.feats, scales), entry.meta)
         dt = time.perf_counter() - t0
         metric = bool(entry.info.metric)
@@ -902,12 +921,15 @@ class Lab:
             folder = Path(folder)
             folder.mkdir(parents=True, exist_ok=True)
             stem = _safe_stem(Path(str(source)).stem) + "_depth"
-            report = video.depth_video(
-                model, source, folder / f"{stem}.mp4", base_size=size, max_seconds=max_seconds, stride=stride,
-                side_by_side=bool(side_by_side), normalise=normalise, cmap=_cmap(cmap),
-                npz=folder / f"{stem}.npz" if raw == "npz" else None, progress=progress,
-                png_zip=folder / f"{stem}_png16.zip" if raw == "png zip" else None, cancel=cancel.is_set,
-                target_fps=fps or None)
+            # the job's batches are sized to a budget it reserves under the store's cap
+            budget = min(video.BATCH_BYTES, self.store.max_bytes // 4)
+            with self.store.reserve(budget):
+                report = video.depth_video(
+                    model, source, folder / f"{stem}.mp4", base_size=size, max_seconds=max_seconds, stride=stride,
+                    side_by_side=bool(side_by_side), normalise=normalise, cmap=_cmap(cmap),
+                    npz=folder / f"{stem}.npz" if raw == "npz" else None, progress=progress,
+                    png_zip=folder / f"{stem}_png16.zip" if raw == "png zip" else None, cancel=cancel.is_set,
+                    target_fps=fps or None, batch_bytes=budget)
         except video.VideoError as exc:
             raise SessionError(str(exc)) from None
         finally:
@@ -966,5 +988,10 @@ class Lab:
         stem = _safe_stem(name.replace(" ", "_")) + ("-fp16" if fp16 else "") + ("-pre" if with_preprocessing else "")
         if progress:
             progress(0.05, f"exporting {name} to ONNX and verifying it with onnxruntime")
-        return _export(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),
-                       with_preprocessing=bool(with_preprocessing), opset=opset, verify=True, base_size=size)
+        # tracing, the ONNX graph's copies of the weights and onnxruntime's check at base x base
+        # (bench/memory_ops.py: ~5.5x the weights and an encode's working set at that size)
+        export_bytes = EXPORT_WEIGHT_COPIES * _weight_bytes(model) + self.store.working_set(
+            name, (size or model.info.base_size) ** 2)
+        with self.store.reserve(export_bytes):
+            return _export(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),
+                           with_preprocessing=bool(with_preprocessing), opset=opset, verify=True, base_size=size)

@@ -14,11 +14,12 @@ arrays by buffer, each counted once), when it is stored and again after every us
 may have grown it, so the byte count the cap is checked against is what the entry really
 holds. An entry larger than the cap on its own is handed out but not kept.
 
-The cap bounds the encodes in flight too: `with store.reserving(model, pixels):` around
-the model work sets aside that work's estimated peak (WORKING_SET_FACTOR x the bytes per
-input pixel of that model's last entry) and evicts least recently used entries until
-what is kept plus what is reserved fits under the cap. So two wide images encoded at
-once do not add their working sets on top of a full store.
+The cap bounds the work in flight too: `with store.reserving(model, pixels):` around an
+encode sets aside its estimated peak (WORKING_SET_FACTOR x the bytes per input pixel of
+that model's largest entry), `with store.reserve(nbytes):` any other estimate (an export,
+a rollout's matrices), and least recently used entries are evicted until what is kept
+plus what is reserved fits under the cap. So two wide images encoded at once, or an
+export beside them, do not add their working sets on top of a full store.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ ENDED_KEPT = 10_000          # closed sessions remembered (a few hundred kB)
 # bench/working_set.py: 2.5-2.6x for ViT-S on the wide inputs that cost the most, 3-3.8x
 # on small ones, where fixed costs weigh more but the bytes are few; 3x covers the large.
 WORKING_SET_FACTOR = 3.0
+# The decoder alone (fusion scaling, ablation's tail, the mask's first depth): its maps at
+# full resolution, about one entry's bytes per pixel (bench/memory_ops.py).
+DECODE_FACTOR = 1.0
 
 
 @dataclass
@@ -226,17 +230,23 @@ class FeatureStore:
                 self._fit((session, key))
             return entry
 
-    def working_set(self, model_name: str, pixels: int) -> int:
-        """Estimated peak bytes of encoding `pixels` input pixels with this model (0 until
-        the store has seen one of its entries)."""
+    def working_set(self, model_name: str, pixels: int, factor: float = WORKING_SET_FACTOR) -> int:
+        """Estimated peak bytes of work on `pixels` input pixels with this model: `factor` x
+        the bytes per input pixel of its largest entry (0 until the store has seen one)."""
         with self._lock:
-            return int(WORKING_SET_FACTOR * self._bytes_per_pixel.get(model_name, 0.0) * pixels)
+            return int(factor * self._bytes_per_pixel.get(model_name, 0.0) * pixels)
+
+    def reserving(self, model_name: str, pixels: int, factor: float = WORKING_SET_FACTOR):
+        """`reserve` the estimated working set of model work on `pixels` input pixels (an
+        encode: the default factor; the decoder alone: DECODE_FACTOR)."""
+        return self.reserve(self.working_set(model_name, pixels, factor))
 
     @contextmanager
-    def reserving(self, model_name: str, pixels: int):
-        """Set aside the estimated working set of one encode while it runs, evicting least
-        recently used entries so that kept + reserved bytes stay under the cap."""
-        need = self.working_set(model_name, pixels)
+    def reserve(self, nbytes: int):
+        """Set aside `nbytes` for work in flight (an encode, an export, a rollout) while it
+        runs, evicting least recently used entries so that kept + reserved bytes stay under
+        the cap: the cap bounds the transients as well as what is kept."""
+        need = max(0, int(nbytes))
         with self._lock:
             self.reserved += need
             self._fit(None)

@@ -321,11 +321,12 @@ def depth_video(model, src, out, base_size=None, max_seconds: float = 10.0, stri
                 side_by_side: bool = False, normalise: str = "clip", cmap: str = "turbo", npz=None,
                 progress: Optional[Callable[[float, str], None]] = None, *, png_zip=None,
                 cancel: Optional[Callable[[], bool]] = None, batch: Optional[int] = None,
-                target_fps: Optional[float] = None) -> VideoReport:
+                target_fps: Optional[float] = None, batch_bytes: int = BATCH_BYTES) -> VideoReport:
     """Depth for every stride-th frame of `src` (up to max_seconds), as an H.264 MP4 at `out`
     (see the module docstring). target_fps (instead of stride): the stride nearest that rate.
     progress(fraction, text) after every batch; cancel() -> True stops the job after the
-    current batch (the frames done are kept)."""
+    current batch (the frames done are kept). batch_bytes: the working-set budget that sizes
+    the batches (batch_size), unless `batch` fixes it."""
     import torch
 
     max_seconds, stride, normalise, cmap = _check(max_seconds, stride, normalise, cmap)
@@ -360,7 +361,7 @@ def depth_video(model, src, out, base_size=None, max_seconds: float = 10.0, stri
             if size is None:
                 size = pending[0][2].shape[:2]
                 x0, meta = model.preprocess(pending[0][2], base_size)
-                n_batch = batch or batch_size(model, tuple(x0.shape[-2:]))
+                n_batch = batch or batch_size(model, tuple(x0.shape[-2:]), batch_bytes)
                 if normalise == "frame":
                     writer = _Writer(out, fps_out, size[1] * (2 if side_by_side else 1), size[0])
                 if len(pending) < n_batch and not finished:

@@ -181,6 +181,58 @@ def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     assert lab.store.nbytes <= lab.store.max_bytes
 
 
+def test_heavy_work_on_an_encode_reserves_its_transients(lab, monkeypatch, tmp_path):
+    """The decoder of a fusion view, an ablation's re-run, a rollout's matrices, a video job
+    and an export each hold memory beyond what they keep: while they run, their estimate is
+    reserved under the cap (older entries evicted for it) and given back afterwards."""
+    from dpt_lab import ablation, attention, fusion, video
+
+    st, _ = lab.depth_view("a", None, picture(40), S.RANDOM_MODEL, BASE)
+    entry = lab.store.entries("a")[0]
+    pixels = entry.x.shape[-2] * entry.x.shape[-1]
+    model = lab.manager.get(S.RANDOM_MODEL)
+    seen: dict[str, int] = {}
+
+    def watch(name, module, fn_name):
+        real = getattr(module, fn_name)
+
+        def watched(*args, **kwargs):
+            seen[name] = lab.store.reserved
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, fn_name, watched)
+
+    watch("fusion", fusion, "scaled_depth")
+    watch("ablation", ablation, "ablate")
+    watch("rollout", attention, "rollout")
+    watch("video", video, "depth_video")
+    from dpt_lab import export
+    watch("export", export, "export_onnx")
+    probe = entry.probe
+    rollout_need = attention.rollout_bytes(probe, 11)
+    n = probe._layer(11).n
+    assert rollout_need == 4 * n * n * (12 + 3)          # every layer's matrix, and room for one layer's work
+    lab.fusion_view("a", st, (1, 0.5, 1, 1))
+    lab.ablation_view("a", st, 3, source="patches", patches="1,1")
+    lab.rollout_at("a", st, 10, 10)
+    assert attention.rollout_bytes(probe, 11) == 0        # kept now: nothing more to reserve
+    from clips import make_clip
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    lab.video_job("a", clip, S.RANDOM_MODEL, tmp_path / "video", base_size=BASE, max_seconds=0.5)
+    lab.export_model(S.RANDOM_MODEL, tmp_path / "onnx", base_size=BASE)
+    assert seen["fusion"] == lab.store.working_set(S.RANDOM_MODEL, pixels, store.DECODE_FACTOR) > 0
+    assert seen["ablation"] == lab.store.working_set(S.RANDOM_MODEL, pixels) > 0
+    assert seen["rollout"] == rollout_need
+    assert seen["video"] == min(video.BATCH_BYTES, lab.store.max_bytes // 4)
+    assert seen["export"] == (S.EXPORT_WEIGHT_COPIES * sum(p.numel() * 4 for p in model.parameters())
+                              + lab.store.working_set(S.RANDOM_MODEL, BASE * BASE))
+    assert lab.store.reserved == 0
+    # a reservation evicts: with the cap just above what is kept, an export leaves room for itself
+    lab.store.max_bytes = lab.store.nbytes + 1
+    lab.export_model(S.RANDOM_MODEL, tmp_path / "onnx2", base_size=BASE)
+    assert lab.store.entries("a") == []
+
+
 def test_a_closed_session_keeps_nothing_from_late_work(lab):
     """A background job (a hidden tab's prepare) that asks for a session after its page closed
     gets its answer, but the store keeps neither an entry nor a lock for that session."""
