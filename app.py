@@ -25,7 +25,20 @@ from dpt_lab import (
 )
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
-from dpt_lab.ui import ablation, attention, depth, export, features, fusion, mask, norms, rollout, scene3d, video
+from dpt_lab.ui import (
+    ablation,
+    attention,
+    depth,
+    export,
+    features,
+    fusion,
+    mask,
+    norms,
+    quick,
+    rollout,
+    scene3d,
+    video,
+)
 from dpt_lab.ui.base import Context, page_script, sid, wire_refreshes
 
 # the page's tabs, in order
@@ -34,7 +47,8 @@ HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 MAX_FILE_SIZE = "200mb"      # a 10 s 4K phone clip is ~100 MB (images are bounded by imaging.MAX_PIXELS)
 QUEUE_MAX = 32
-JS = page_script([m.PICKER for m in TABS if hasattr(m, "PICKER")])   # run by the page on load (launch(js=...))
+# run by the page on load (launch(js=...)): the pickers, and the sliders whose drags ask the quick path
+JS = page_script([m.PICKER for m in TABS if hasattr(m, "PICKER")], {fusion.ID: fusion.SLIDERS})
 CSS = """
 .dpt-banner {background: #fff3cd; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px;}
 .dpt-offscreen {display: none !important;}
@@ -69,20 +83,26 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
         ctx.finish()
         wire_refreshes(ctx, tabs)
 
-        def on_page_load():
+        # the page's session hash, for its quick path's requests (ui/quick.py)
+        session_field = gr.Textbox("", elem_id=quick.SESSION_FIELD, elem_classes=["dpt-offscreen"],
+                                   show_label=False, container=False)
+
+        def on_page_load(request: gr.Request):
             """Fresh model list (the weights folder may have changed); the base size of the
-            startup model once it is loaded."""
+            startup model once it is loaded; the session hash for the quick path."""
             startup = lab.manager.startup
             size = lab.manager.get(startup).info.base_size if startup in lab.manager.loaded() else gr.skip()
-            return gr.update(choices=lab.manager.choices()), size
+            return gr.update(choices=lab.manager.choices()), size, sid(request)
 
-        demo.load(on_page_load, None, [model_dd, base], api_visibility="private", queue=False)
+        demo.load(on_page_load, None, [model_dd, base, session_field], api_visibility="private", queue=False)
         _wire_download_banner(lab, ctx, model_md)
         def forget(request: gr.Request):
             lab.forget(sid(request))
 
         demo.unload(forget)
     demo.dpt_lab = lab   # for tests: the Lab behind this app
+    demo.dpt_state = state
+    demo.dpt_quick_views = {tab_id: t.quick for tab_id, _, t in tabs if t.quick}    # quick.mount serves them
     return demo
 
 
@@ -152,6 +172,7 @@ def main(argv=None) -> int:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None,
                 max_file_size=MAX_FILE_SIZE, allowed_paths=[str(ASSETS)], css=CSS, js=JS, show_error=False,
                 prevent_thread_lock=True)
+    quick.mount(demo)
     manager.preload()          # after the page is up: the first request waits for it if needed
     demo.block_thread()
     return 0

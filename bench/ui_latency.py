@@ -30,7 +30,11 @@ start: the browser's dispatch, the request, the queue join), `handler` (the hand
 `to browser` (from the last event's end to the image or figure data arriving: SSE,
 Svelte, the file fetch from the Performance API's resource timing), `draw` (from the data
 arriving to the decoded image or the drawn figure). Both clocks are this machine's wall
-clock (time.time() and Date.now()).
+clock (time.time() and Date.now()). When the picture shown came from the page's quick path
+(dpt_lab/ui/quick.py: a data URL from its route, ahead of the Gradio event), the breakdown is
+the route's: `to server` until the route started, `handler` its whole answer (the view and
+its JPEG), `gradio` 0, `to browser` until the response's end (resource timing), `draw`; the
+last column counts how many of an interaction's repetitions the quick path showed.
 
 Then Gradio's own floor in the same browser: a button whose handler returns at once, until its
 text or a 451x300 JPEG is shown. No interaction through Gradio's events is quicker than that.
@@ -64,6 +68,7 @@ GOALS = {"upload": "<= 1.3x predict", "attention_tab": "<= 250 ms", "click": "<=
 # Resolves with {shown, arrived} (Date.now() ms) once the <img> under `sel` has a src other
 # than `old`, is loaded and decoded; `arrived` is the file's responseEnd (resource timing).
 WAIT_IMG = """async ([sel, old]) => {
+  const QUICK_ROUTE = "/dpt_lab/quick";
   const pick = () => { const all = document.querySelectorAll(sel + ' img');
                        return all.length ? all[all.length - 1] : null; };
   for (;;) {
@@ -72,9 +77,11 @@ WAIT_IMG = """async ([sel, old]) => {
       await img.decode().catch(() => {});
       await new Promise(r => requestAnimationFrame(() => r()));
       const shown = Date.now();
-      const res = performance.getEntriesByName(img.src).pop();
+      const quick = img.src.startsWith("data:");      // set by the quick path (ui/quick.py) from its route's answer
+      const res = quick ? performance.getEntriesByType("resource").filter(e => e.name.includes(QUICK_ROUTE)).pop()
+                        : performance.getEntriesByName(img.src).pop();
       const arrived = res ? performance.timeOrigin + res.responseEnd : shown;
-      return {shown, arrived, src: img.src};
+      return {shown, arrived, quick, src: img.src};
     }
     await new Promise(r => requestAnimationFrame(() => r()));
   }
@@ -135,6 +142,16 @@ def breakdown(traces: list[dict], t0: float, timing: dict) -> dict:
     """handler / gradio / to-browser / draw (ms) for one interaction started at t0: the
     events that ended before its pixels were shown (the rest, e.g. downloads written
     after the view, are not on its path)."""
+    if timing.get("quick"):              # the quick path's answer was shown: its route's own time
+        from dpt_lab.ui import quick
+
+        answers = [(s, e) for _, s, e in quick.served if t0 - 5 <= s * 1000.0 <= timing["shown"]]
+        if answers:
+            start, end = (v * 1000.0 for v in answers[-1])
+            arrived = max(timing["arrived"], end)
+            return dict(total=timing["shown"] - t0, to_server=max(0.0, start - t0), handler=end - start, gradio=0.0,
+                        to_browser=max(0.0, arrived - end), draw=max(0.0, timing["shown"] - arrived), events=0,
+                        quick=True)
     traces = [t for t in traces if t["timestamp"] * 1000.0 + t["total_ms"] <= timing["shown"]]
     if traces:
         handler = sum(t["fn_call_ms"] for t in traces)
@@ -429,8 +446,8 @@ def write(results, refs, args, out_path: Path, floor: dict) -> None:
              f"--clicks {args.clicks} --drags {args.drags} --hover-seconds {args.hover_seconds:g}`. ms, median (max) over {args.reps} pictures "
              f"(clicks and drags: all of them).", "",
              "| interaction | shown after | server-side work | ratio | goal | to server | handler | gradio | to browser "
-             "| draw |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| draw | shown by the quick path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         if not rows or name == "hover":
             continue
@@ -438,7 +455,8 @@ def write(results, refs, args, out_path: Path, floor: dict) -> None:
         ref = statistics.median(refs[name]) if refs[name] else float("nan")
         lines.append(f"| {name} | {s['total'][0]:.0f} ({s['total'][1]:.0f}) | {ref:.0f} | {s['total'][0] / ref:.2f}x | "
                      f"{GOALS[name]} | {s['to_server'][0]:.0f} | {s['handler'][0]:.0f} | {s['gradio'][0]:.0f} | "
-                     f"{s['to_browser'][0]:.0f} | {s['draw'][0]:.0f} |")
+                     f"{s['to_browser'][0]:.0f} | {s['draw'][0]:.0f} | {sum(bool(r.get('quick')) for r in rows)}/"
+                     f"{len(rows)} |")
     if results["hover"]:
         rates = [r["rate"] for r in results["hover"]]
         lines += ["", f"Hover on the similarity image (pointer swept for {args.hover_seconds:g} s, a move every 16 ms): "

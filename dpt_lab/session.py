@@ -167,13 +167,14 @@ class SessionState(TypedDict):
     display: Optional[np.ndarray]      # the image as served for clicking (longest side <= DISPLAY_MAX)
     picked: Optional[str]              # the model the picker last loaded (the app goes back to it)
     rendered: dict                     # tab -> the encode key it last showed (no re-render of the same)
+    controls: dict                     # tab -> the controls of its last page render (ui/quick.py)
 
 
 def new_state() -> SessionState:
     """A session's state before its first image."""
     return SessionState(image=None, hash=None, name="image", model=None, base_size=None, keep_aspect=None,
                         click=None, feature_click=None, rollout_click=None, ablation_click=None, display=None,
-                        picked=None, rendered={})
+                        picked=None, rendered={}, controls={})
 
 
 def _number(value, what: str, *, integer: bool = False, lo=None, hi=None):
@@ -778,13 +779,21 @@ class Lab:
         entry = self.entry(session, state)
         t0 = time.perf_counter()
         if tuple(scales) == FUSION_IDENTITY:
-            scaled = entry.depth_image
+            scaled, dt = entry.depth_image, time.perf_counter() - t0
         else:
             model = self.manager.get(entry.model_name)
-            # the fusion inputs are kept (again, for a reloaded model); the decoder's maps are transient
-            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry), DECODE_FACTOR):
-                scaled = model.postprocess(_scaled_decode(model, entry.feats, scales), entry.meta)
-        dt = time.perf_counter() - t0
+            key = tuple(scales)
+            with entry.lock:      # the page's quick path and its Gradio event ask at once: one decode
+                hit = entry.cache.get("fusion scaled")
+                if hit is not None and hit[0] == key:
+                    scaled, dt = hit[1]
+                else:
+                    # the latest factors' depth is kept (and the fusion inputs, again for a reloaded
+                    # model); the decoder's maps are transient
+                    with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry),
+                                                                       DECODE_FACTOR):
+                        scaled, dt = _latest(entry, "fusion scaled", key, lambda: (model.postprocess(
+                            _scaled_decode(model, entry.feats, scales), entry.meta), time.perf_counter() - t0))
         metric = bool(entry.info.metric)
         diff_img, m = _difference_image(scaled - entry.depth_image)
         text = (f"factors {', '.join(f'{s:g}' for s in scales)} · decoder only: {dt * 1000:.0f} ms "

@@ -62,6 +62,8 @@ class Entry:
     encode_s: float = 0.0
     nbytes: int = 0                 # measured by the store (see measure)
     cache: dict = field(default_factory=dict)    # what the tabs derive from the encode, by name
+    # held while a view is made once for two callers at once (the page's quick path and its Gradio event)
+    lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def feats(self):

@@ -112,6 +112,8 @@ def launch(tmp: Path, *, checkpoints: Iterable[str] = ("depth_anything_v2_vits",
                                 quiet=True, ssr_mode=False, max_file_size=app_module.MAX_FILE_SIZE,
                                 allowed_paths=[str(app_module.ASSETS)], css=app_module.CSS, js=app_module.JS,
                                 show_error=False)
+        from dpt_lab.ui import quick
+        quick.mount(demo)
     except BaseException:
         for k, v in saved.items():
             if v is None:

@@ -36,8 +36,13 @@ def png(data: bytes) -> np.ndarray:
 
 
 def img_pixels(page, selector: str, index: int = 0) -> np.ndarray:
-    """The pixels of the index-th <img> under selector, fetched as the browser would."""
+    """The pixels of the index-th <img> under selector, fetched as the browser would (a data
+    URL, as the quick path sets them, is decoded as it is)."""
+    import base64
+
     src = page.locator(f"{selector} img").nth(index).get_attribute("src")
+    if src.startswith("data:"):
+        return png(base64.b64decode(src.split(",", 1)[1]))
     resp = page.request.get(src)
     assert resp.ok, (src, resp.status)
     return png(resp.body())
@@ -169,12 +174,10 @@ def test_attention_clicks_mark_the_patch_under_the_pointer(browser_page):
         y_img = (want_row + 0.5) * (ih / grid[0]) * 300 / ih - 0.5
         sx = box["x"] + (x_img + 0.5) * box["width"] / 451
         sy = box["y"] + (y_img + 0.5) * box["height"] / 300
-        before = page.locator("#attention-info").inner_text()
         page.mouse.click(sx, sy)
         tiles_src = wait_src_change(page, "#attention-tiles", tiles_src)
-        page.wait_for_function("([s, old]) => document.querySelector(s).innerText !== old",
-                               arg=["#attention-info", before])
-        text = page.locator("#attention-info").inner_text()
+        # the tiles may come first (the quick path); the text comes with the click's Gradio event
+        text = wait_text(page, "#attention-info", f"patch row {want_row}, col {want_col}")
         assert f"patch row {want_row}, col {want_col}" in text, text
         # the patch the app computes for that screen point is the one under the pointer
         px = (sx - box["x"]) * 451 / box["width"] - 0.5
@@ -346,6 +349,46 @@ def test_a_burst_of_clicks_ends_on_the_last_clicks_tiles(browser_page):
     ref = lab.attention_at(browser_session(server), session_state(server), px, py, 12, "row", False, False,
                            "inferno", 0.0, False)
     assert_shown(img_pixels(page, "#attention-tiles"), ref.tiles)
+    assert not errors, errors
+
+
+def test_a_click_is_shown_by_the_quick_path_and_then_set_by_its_gradio_event(browser_page):
+    """The page's script asks the quick route (dpt_lab/ui/quick.py) as it starts the click's
+    Gradio event: the tiles first appear as the route's data URL, then Gradio's own output
+    (a file URL) replaces them with the same picture and the info text follows."""
+    from dpt_lab import attention
+
+    page, server, errors = browser_page
+    lab = server.lab
+    page.get_by_role("tab", name="Attention").click()
+    wait_text(page, "#attention-info", "patch row")
+    assert page.locator("#dpt-session textarea, #dpt-session input").first.input_value() == browser_session(server)
+    img = page.locator("#attention-image img")
+    page.wait_for_function("() => { const e = document.querySelector('#attention-image img'); "
+                           "return e && e.complete && e.naturalWidth > 0; }")
+    (entry,) = lab.store.entries(browser_session(server))
+    grid = entry.probe.grid(11)
+    page.evaluate("""() => { window.__tileSrcs = []; let last = null;
+        const record = () => { const e = document.querySelector('#attention-tiles img');
+            if (e && e.src !== last) { last = e.src; window.__tileSrcs.push(e.src.slice(0, 5)); } };
+        new MutationObserver(record).observe(document.querySelector('#attention-tiles'),
+            {subtree: true, childList: true, attributes: true, attributeFilter: ['src']}); }""")
+    quick_seen = False
+    for fx, fy in ((0.3, 0.4), (0.7, 0.6), (0.5, 0.2)):          # a loaded machine may answer Gradio first
+        box = img.bounding_box()
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        px, py = fx * 451 - 0.5, fy * 300 - 0.5
+        row, col = attention.patch_at_pixel(entry.meta, grid, px, py)
+        settled_text(page, "#attention-info", f"patch row {row}, col {col}")
+        srcs = page.evaluate("window.__tileSrcs.splice(0)")
+        quick_seen = quick_seen or "data:" in srcs
+        assert srcs and srcs[-1] != "data:", srcs                 # Gradio's output came last
+        ref = lab.attention_at(browser_session(server), session_state(server), px, py, 12, "row", False, False,
+                               "inferno", 0.0, False)
+        assert_shown(img_pixels(page, "#attention-tiles"), ref.tiles)
+        if quick_seen:
+            break
+    assert quick_seen, "the quick path never showed the tiles first"
     assert not errors, errors
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
+from . import quick
 from .base import (
     MODEL_EVENT,
     Context,
@@ -26,7 +27,7 @@ ID, TITLE = "attention", "Attention"
 
 # Clicks (and, with "follow the pointer", moves) reach the server through a hidden textbox
 # written by the page's script: see base.PICK_JS and PICKERS.
-PICKER = ("attention-image", "attention-clicked", "attention-hover")
+PICKER = ("attention-image", "attention-clicked", "attention-hover", ID)     # ID: clicks ask the quick path
 
 
 def build(ctx: Context) -> Tab:
@@ -62,6 +63,9 @@ def build(ctx: Context) -> Tab:
         """page: JPEGs for the page (clicks, controls, the tab's refresh); the API keeps PNGs."""
         r = lab.attention_at(sid(request), st, x, y, layer_v, mode_v, log_v, shared_v, cmap_v, alpha_v, cls_v)
         mark_rendered(st, ID, lab)
+        if page:
+            quick.remember(st, ID, layer=layer_v, mode=mode_v, log_contrast=log_v, shared_scale=shared_v,
+                           cmap=cmap_v, alpha=alpha_v, cls=cls_v)
         click = st.get("click")
         cx, cy = click if isinstance(click, tuple) else (None, None)
         show = page_image if page else (lambda a: a)
@@ -107,4 +111,15 @@ def build(ctx: Context) -> Tab:
         return (gr.update(maximum=n, value=min(int(layer_value or n), n)),
                 gr.update(visible=True) if info.has_cls else gr.update(visible=False, value=False))
 
-    return Tab(refresh=do_controls, inputs=[*controls, cls_cb], outputs=outputs, fit=fit, fit_outputs=[layer, cls_cb])
+    def quick_view(session, st, query):
+        """The tiles and the marked image of a click (query x, y: display pixels), or at the
+        tab's opening of the last click when the tab has not shown this encode yet."""
+        got = quick.picked(lab, st, ID, query)
+        if got is None:
+            return None
+        c, x, y = got
+        r = lab.attention_at(session, st, x, y, **(c if x is None else dict(c, cls=False)))
+        return {"attention-tiles": r.tiles, PICKER[0]: r.marked}
+
+    return Tab(refresh=do_controls, inputs=[*controls, cls_cb], outputs=outputs, fit=fit, fit_outputs=[layer, cls_cb],
+               quick=quick_view)

@@ -84,12 +84,21 @@ def page_image(rgb) -> str:
     endpoints keep their lossless PNGs and the downloads their exact formats."""
     import uuid
 
+    path = _page_folder() / f"{uuid.uuid4().hex}.jpg"
+    path.write_bytes(page_jpeg(rgb))
+    return str(path)
+
+
+def page_jpeg(rgb) -> bytes:
+    """The page's JPEG encoding of an RGB array (page_image; the quick path's data URLs)."""
+    import io
+
     import numpy as np
     from PIL import Image
 
-    path = _page_folder() / f"{uuid.uuid4().hex}.jpg"
-    Image.fromarray(np.ascontiguousarray(rgb)).save(path, "JPEG", quality=PAGE_JPEG_QUALITY, subsampling=0)
-    return str(path)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, "JPEG", quality=PAGE_JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
 
 
 def _page_folder() -> Path:
@@ -126,6 +135,8 @@ def has_image(st) -> bool:
 
 
 # -- picking a patch in the page ----------------------------------------------------------
+QUICK_ROUTE = "/dpt_lab/quick"        # the quick path's route (ui/quick.py serves it)
+SESSION_FIELD = "dpt-session"         # hidden textbox the page's load event fills with its session hash
 HOVER_MS = 40       # at most one pointer position per 40 ms goes to the server (the last one always does)
 
 # Run by the page on load (app.py passes it to launch, with the PICKERS of every tab). A click on
@@ -140,7 +151,7 @@ HOVER_MS = 40       # at most one pointer position per 40 ms goes to the server 
 PICK_JS = """
 const dptPick = (ev, hover) => {
   if (!(ev.target instanceof Element)) return;
-  for (const [boxId, fieldId, hoverId] of PICKERS) {
+  for (const [boxId, fieldId, hoverId, quickTab] of PICKERS) {
     const box = ev.target.closest("#" + boxId);
     if (!box) continue;
     if (hover) {
@@ -159,6 +170,7 @@ const dptPick = (ev, hover) => {
       window.dptLabClicks = (window.dptLabClicks || 0) + 1;
       field.value = `${x},${y},${window.dptLabClicks}`;
       field.dispatchEvent(new Event("input", {bubbles: true}));
+      if (quickTab) window.dptQuick(quickTab, {x, y});
     };
     if (!hover) { write(); return; }
     const st = ((window.dptHover = window.dptHover || {})[boxId] = window.dptHover[boxId] || {t: 0, timer: 0});
@@ -171,15 +183,60 @@ const dptPick = (ev, hover) => {
 };
 document.addEventListener("pointerdown", (ev) => { if (ev.button === 0) dptPick(ev, false); }, true);
 document.addEventListener("pointermove", (ev) => { if (ev.buttons === 0) dptPick(ev, true); }, true);
+// The quick path (ui/quick.py): the tab's pictures straight from QUICK_ROUTE while the Gradio event
+// runs. One request per tab at a time; a newer one waits and goes when it returns (the last always
+// does). An answer is set only on an <img> that nothing else changed since the request left (a
+// Gradio output that came meanwhile is newer and stays).
+window.dptQuick = (tab, params) => {
+  const session = document.querySelector(`#${SESSION_FIELD} textarea, #${SESSION_FIELD} input`);
+  if (!session || !session.value) return;
+  const q = ((window.dptQuickState = window.dptQuickState || {})[tab] =
+             window.dptQuickState[tab] || {busy: false, next: null, shown: {}});
+  q.next = params || {};
+  if (q.busy) return;
+  const send = () => {
+    const query = new URLSearchParams({...q.next, tab, session: session.value});
+    q.next = null;
+    q.busy = true;
+    const before = {};
+    document.querySelectorAll(`[id^="${tab}-"] img`).forEach((img) => { before[img.src] = 1; });
+    fetch(`${QUICK_ROUTE}?${query}`, {cache: "no-store"})
+      .then((r) => (r.status === 200 ? r.json() : null))
+      .then((pictures) => {
+        for (const [id, url] of Object.entries(pictures || {})) {
+          const img = document.querySelector(`#${id} img`);
+          if (img && (before[img.src] || img.src === q.shown[id])) { img.src = url; q.shown[id] = url; }
+        }
+      })
+      .catch(() => {})
+      .finally(() => { q.busy = false; if (q.next) send(); });
+  };
+  send();
+};
+for (const [tab, ids] of Object.entries(QUICK_SLIDERS)) {
+  document.addEventListener("input", (ev) => {
+    if (!(ev.target instanceof Element) || !ids.some((id) => ev.target.closest("#" + id))) return;
+    const params = {};
+    for (const id of ids) {
+      const box = document.querySelector(`#${id} input[type=range], #${id} input[type=number]`);
+      if (box) params[id] = box.value;
+    }
+    window.dptQuick(tab, params);
+  }, true);
+}
 """
 
 
-def page_script(pickers) -> str:
-    """The page's script (launch(js=...)): PICK_JS over these (image id, field id, hover id) pickers."""
+def page_script(pickers, quick_sliders: Optional[dict] = None) -> str:
+    """The page's script (launch(js=...)): PICK_JS over these (image id, field id, hover id[, quick
+    tab]) pickers; a picker with a quick tab also asks the quick path (ui/quick.py) for that tab's
+    pictures. quick_sliders: {tab: slider element ids} whose drags ask it too, with every value."""
     import json
 
-    return ("() => {const PICKERS = " + json.dumps([list(p) for p in pickers]) + f"; const HOVER_MS = {HOVER_MS};"
-            + PICK_JS + "}")
+    rows = [list(p) + [None] * (4 - len(p)) for p in pickers]
+    return ("() => {const PICKERS = " + json.dumps(rows) + f"; const HOVER_MS = {HOVER_MS}; "
+            f"const QUICK_ROUTE = {json.dumps(QUICK_ROUTE)}; const SESSION_FIELD = {json.dumps(SESSION_FIELD)}; "
+            f"const QUICK_SLIDERS = {json.dumps(quick_sliders or {})};" + PICK_JS + "}")
 
 
 def pick_field(picker) -> gr.Textbox:
@@ -238,6 +295,9 @@ class Tab:
     # prepare(session, state, *inputs): what the tab will show, computed (and cached) while another
     # tab is visible, so that opening it only sends the result (the norms tab's figures)
     prepare: Optional[Callable] = None
+    # quick(session, state, query) -> {element id: RGB} or None: the tab's pictures for the page's
+    # quick path (ui/quick.py), asked at a click, a drag or the tab's opening (query empty)
+    quick: Optional[Callable] = None
 
 
 # -- wiring -------------------------------------------------------------------------------
@@ -304,7 +364,9 @@ def wire_refreshes(ctx: Context, tabs: list[tuple[str, Any, Tab]]) -> None:
         synced.success(refresh_visible, [active_tab, ctx.state, *all_inputs], all_outputs, api_visibility="private",
                        **MODEL_EVENT)
     for tab_id, ui, tab in tabs:
-        opened = ui.select(None, None, active_tab, js=f"() => {tab_id!r}", api_visibility="private", queue=False)
+        ask = f"window.dptQuick && window.dptQuick({tab_id!r}, {{}}); " if tab.quick else ""
+        opened = ui.select(None, None, active_tab, js=f"() => {{ {ask}return {tab_id!r}; }}",
+                           api_visibility="private", queue=False)
         if tab.refresh:           # opening a tab renders that tab only
             opened.then(_tab_refresh(render_if_stale, tab_id, tab), [active_tab, ctx.state, *tab.inputs],
                         tab.outputs, api_visibility="private", **MODEL_EVENT)

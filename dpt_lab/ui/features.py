@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
+from . import quick
 from .base import (
     MODEL_EVENT,
     Context,
@@ -21,7 +22,7 @@ from .base import (
 )
 
 ID, TITLE = "features", "Features"
-PICKER = ("features-image", "features-clicked", "features-hover")
+PICKER = ("features-image", "features-clicked", "features-hover", ID)     # ID: clicks ask the quick path
 
 
 def build(ctx: Context) -> Tab:
@@ -58,6 +59,9 @@ def build(ctx: Context) -> Tab:
         r = lab.features_view(sid(request), st, block_v, mode_v, x, y, basis_v if same_v else None, fg_v, k_v,
                               alpha_v, cmap_v)
         mark_rendered(st, ID, lab)
+        if page:
+            quick.remember(st, ID, block=block_v, mode=mode_v, basis_block=basis_v if same_v else None,
+                           foreground=fg_v, top_k=k_v, alpha=alpha_v, cmap=cmap_v)
         click = st.get("feature_click")
         cx, cy = click if isinstance(click, tuple) else (None, None)
         return (page_image(r.image) if page else r.image), r.text, mode_v, cx, cy, st
@@ -100,4 +104,15 @@ def build(ctx: Context) -> Tab:
         return (gr.update(maximum=n, value=min(int(block_value or n), n)),
                 gr.update(maximum=n, value=min(int(basis_value or n), n)))
 
-    return Tab(refresh=do_controls, inputs=[block, mode, *lens], outputs=outputs, fit=fit, fit_outputs=[block, basis])
+    def quick_view(session, st, query):
+        """The similarity map of a click or hover (query x, y: display pixels), or at the tab's
+        opening the last view's lens when the tab has not shown this encode yet."""
+        got = quick.picked(lab, st, ID, query)
+        if got is None:
+            return None
+        c, x, y = got
+        lens = c if x is None else dict(c, mode="similarity")       # a click always asks for the similarity
+        return {PICKER[0]: lab.features_view(session, st, x=x, y=y, **lens).image}
+
+    return Tab(refresh=do_controls, inputs=[block, mode, *lens], outputs=outputs, fit=fit, fit_outputs=[block, basis],
+               quick=quick_view)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import session as S
+from . import quick
 from .base import (
     MODEL_EVENT,
     Context,
@@ -22,7 +23,7 @@ from .base import (
 )
 
 ID, TITLE = "rollout", "Rollout · distance"
-PICKER = ("rollout-image", "rollout-clicked", "rollout-hover")
+PICKER = ("rollout-image", "rollout-clicked", "rollout-hover", ID)     # ID: clicks ask the quick path
 FUSIONS = ("mean", "max", "min")
 
 
@@ -60,6 +61,9 @@ def build(ctx: Context) -> Tab:
         r = lab.rollout_at(session, st, x, y, layer_v, fusion_v, discard_v, cls_v, alpha_v, cmap_v)
         figure, _, text = lab.attention_distance(session, st)
         mark_rendered(st, ID, lab)
+        if page:
+            quick.remember(st, ID, layer=layer_v, head_fusion=fusion_v, discard_ratio=discard_v, cls=cls_v,
+                           alpha=alpha_v, cmap=cmap_v)
         click = st.get("rollout_click")
         cx, cy = click if isinstance(click, tuple) else (None, None)
         return (page_image(r.image) if page else r.image), r.text, cx, cy, figure, text, st
@@ -113,5 +117,14 @@ def build(ctx: Context) -> Tab:
         lab.attention_distance(session, st)
         lab.rollout_at(session, dict(st), None, None, layer_v, fusion_v, discard_v, cls_v, alpha_v, cmap_v)
 
+    def quick_view(session, st, query):
+        """The rollout map of a click or hover (query x, y: display pixels), or at the tab's
+        opening of the last pick when the tab has not shown this encode yet."""
+        got = quick.picked(lab, st, ID, query)
+        if got is None:
+            return None
+        c, x, y = got
+        return {PICKER[0]: lab.rollout_at(session, st, x, y, **(c if x is None else dict(c, cls=False))).image}
+
     return Tab(refresh=do_controls, inputs=controls, outputs=outputs, fit=fit, fit_outputs=[layer, cls_cb],
-               prepare=prepare)
+               prepare=prepare, quick=quick_view)
