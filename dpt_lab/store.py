@@ -19,7 +19,9 @@ encode sets aside its estimated peak (WORKING_SET_FACTOR x the bytes per input p
 that model's largest entry), `with store.reserve(nbytes):` any other estimate (an export,
 a rollout's matrices), and least recently used entries are evicted until what is kept
 plus what is reserved fits under the cap. So two wide images encoded at once, or an
-export beside them, do not add their working sets on top of a full store.
+export beside them, do not add their working sets on top of a full store. An entry that
+is evicted while a request still holds it stays alive until that request ends: it counts
+against the cap ("lingering", followed by a weak reference) until its last reference goes.
 """
 
 from __future__ import annotations
@@ -175,11 +177,32 @@ class FeatureStore:
         self.too_large = 0          # entries handed out but not kept (larger than the cap alone)
         self.reserved = 0           # bytes set aside for encodes in flight (see reserving)
         self._bytes_per_pixel: dict[str, float] = {}    # by model: the largest entry per input pixel seen
+        # entries no longer kept but still alive (a handler in flight holds one): (weak reference, bytes);
+        # they count against the cap until the last reference goes
+        self._lingering: list[tuple[weakref.ref, int]] = []
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the entries kept."""
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def lingering(self) -> int:
+        """Bytes of entries evicted (or never kept) that something still holds: work in flight."""
+        with self._lock:
+            return self._lingering_bytes()
+
+    def _lingering_bytes(self) -> int:
+        """Holds the lock."""
+        self._lingering = [(ref, n) for ref, n in self._lingering if ref() is not None]
+        return sum(n for _, n in self._lingering)
+
+    def _evict(self, key: tuple) -> int:
+        """Stop keeping an entry; it counts as lingering while anything still holds it. Holds the lock."""
+        entry = self._entries.pop(key)
+        self._lingering.append((weakref.ref(entry), entry.nbytes))
+        return entry.nbytes
 
     def sessions(self) -> set[str]:
         with self._lock:
@@ -210,8 +233,10 @@ class FeatureStore:
                 lock = self._session_locks.setdefault(session, threading.RLock())
         if ended:
             entry = compute()
+            entry.nbytes = entry.measure()
             with self._lock:
                 self.encodes += 1
+                self._lingering.append((weakref.ref(entry), entry.nbytes))     # alive while the job holds it
             return entry
         with lock:
             hit = self.get(session, key)
@@ -228,7 +253,7 @@ class FeatureStore:
                 self._entries[(session, key)] = entry
                 mine = [k for k in self._entries if k[0] == session]
                 for k in mine[:-self.max_per_session]:
-                    del self._entries[k]
+                    self._evict(k)
                 self._fit((session, key))
             return entry
 
@@ -275,24 +300,24 @@ class FeatureStore:
 
     def _fit(self, newest: Optional[tuple]) -> None:
         """Evict least recently used entries (never `newest` while it fits alone) until the
-        total plus the reserved bytes is under max_bytes; an entry past the cap on its own
-        is not kept. Holds the lock."""
+        kept, lingering and reserved bytes together are under max_bytes; an entry past the
+        cap on its own is not kept. Holds the lock."""
         if newest in self._entries and self._entries[newest].nbytes > self.max_bytes:
-            del self._entries[newest]
+            self._evict(newest)
             self.too_large += 1
-        total = sum(e.nbytes for e in self._entries.values()) + self.reserved
+        total = sum(e.nbytes for e in self._entries.values()) + self.reserved + self._lingering_bytes()
         for k in list(self._entries):
             if total <= self.max_bytes:
                 break
             if k != newest:
-                total -= self._entries.pop(k).nbytes
+                total -= self._evict(k)
 
     def drop(self, session: str) -> int:
         """Forget a session's entries (its tab was closed); returns how many."""
         with self._lock:
             keys = [k for k in self._entries if k[0] == session]
             for k in keys:
-                del self._entries[k]
+                self._evict(k)
             self._session_locks.pop(session, None)
             self._ended[session] = None
             while len(self._ended) > ENDED_KEPT:

@@ -30,6 +30,10 @@ pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is missing (.ci/run installs it)")
 
 
+# an <img> that is loaded and decoded (its src may just have been set by the quick path)
+IMG_READY = "(s) => { const e = document.querySelector(s); return e && e.complete && e.naturalWidth > 0; }"
+
+
 def png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
@@ -154,6 +158,7 @@ def test_attention_clicks_mark_the_patch_under_the_pointer(browser_page):
     page.get_by_role("tab", name="Attention").click()
     wait_text(page, "#attention-info", "patch row")              # the tab renders on its own (image centre)
     img = page.locator("#attention-image img")
+    page.wait_for_function(IMG_READY, arg="#attention-image img")  # the quick path may have just set it
     natural = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
     assert natural == [451, 300]                                 # the clickable image is served at full size
     (entry,) = lab.store.entries(browser_session(server))
@@ -324,13 +329,7 @@ def test_a_burst_of_clicks_ends_on_the_last_clicks_tiles(browser_page):
     lab = server.lab
     page.get_by_role("tab", name="Attention").click()
     wait_text(page, "#attention-info", "patch row")
-    img = page.locator("#attention-image img")
-    # the tab's image is mounted afresh: click only once it is decoded and its box has settled
-    page.wait_for_function("() => { const e = document.querySelector('#attention-image img'); "
-                           "return e && e.complete && e.naturalWidth > 0; }")
-    box = None
-    while box != (box := img.bounding_box()):
-        page.wait_for_timeout(100)
+    box = settled_box(page, "#attention-image")      # mounted afresh: click once it is decoded and still
     (entry,) = lab.store.entries(browser_session(server))
     grid = entry.probe.grid(11)
     points = [(0.1 + 0.1 * i, 0.85 - 0.09 * i) for i in range(8)]     # fractions of the shown image
@@ -364,8 +363,7 @@ def test_a_click_is_shown_by_the_quick_path_and_then_set_by_its_gradio_event(bro
     wait_text(page, "#attention-info", "patch row")
     assert page.locator("#dpt-session textarea, #dpt-session input").first.input_value() == browser_session(server)
     img = page.locator("#attention-image img")
-    page.wait_for_function("() => { const e = document.querySelector('#attention-image img'); "
-                           "return e && e.complete && e.naturalWidth > 0; }")
+    page.wait_for_function(IMG_READY, arg="#attention-image img")
     (entry,) = lab.store.entries(browser_session(server))
     grid = entry.probe.grid(11)
     page.evaluate("""() => { window.__tileSrcs = []; let last = null;
@@ -394,8 +392,7 @@ def test_a_click_is_shown_by_the_quick_path_and_then_set_by_its_gradio_event(bro
 
 def settled_box(page, selector: str) -> dict:
     """The bounding box of a freshly mounted tab's decoded image, once it stops moving."""
-    page.wait_for_function("(s) => { const e = document.querySelector(s); "
-                           "return e && e.complete && e.naturalWidth > 0; }", arg=f"{selector} img")
+    page.wait_for_function(IMG_READY, arg=f"{selector} img")
     img = page.locator(f"{selector} img")
     box = None
     while box != (box := img.bounding_box()):

@@ -147,6 +147,30 @@ def test_store_stays_under_its_cap_with_concurrent_sessions(lab):
     assert lab.store.nbytes == live_bytes(entries) <= lab.store.max_bytes
 
 
+def test_an_evicted_entry_still_in_use_counts_against_the_cap(lab):
+    """A request that holds an entry keeps its memory alive after the store evicts it: until
+    the request lets go, those bytes count against the cap, and the store keeps less."""
+    lab.depth_view("a", None, picture(60), S.RANDOM_MODEL, BASE)
+    held = lab.store.entries("a")[0]                       # a request in flight holds it
+    n = held.nbytes
+    pixels = held.x.shape[-2] * held.x.shape[-1]
+    reserve = lab.store.working_set(S.RANDOM_MODEL, pixels)
+    # one kept entry and one encode's working set fit, with room to spare for less than an entry
+    lab.store.max_bytes = n + reserve + n // 2
+    lab.store.drop("a")                                    # evicted (its page closed) while in use
+    assert lab.store.nbytes == 0 and lab.store.lingering == n
+    lab.depth_view("b", None, picture(61), S.RANDOM_MODEL, BASE)
+    lab.depth_view("c", None, picture(62), S.RANDOM_MODEL, BASE)
+    # b + c's working set + the held a do not fit: b went to make room
+    assert lab.store.entries("b") == [] and len(lab.store.entries("c")) == 1
+    assert lab.store.lingering == n
+    del held
+    gc.collect()
+    assert lab.store.lingering == 0                        # let go: nothing lingers
+    lab.depth_view("d", None, picture(63), S.RANDOM_MODEL, BASE)
+    assert len(lab.store.entries("c")) == len(lab.store.entries("d")) == 1     # now c stays beside d
+
+
 def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     """While a model encodes, kept + reserved bytes stay under the cap: older entries are
     evicted for the encode's estimated peak, not only after it has finished."""

@@ -30,7 +30,7 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI reads the route's annotations from here
 
 from .. import memory
-from .base import MODEL_CONCURRENCY, QUICK_ROUTE, SESSION_FIELD, page_jpeg
+from .base import MODEL_CONCURRENCY, QUICK_ROUTE, SESSION_FIELD, page_jpeg  # noqa: F401 - app.py reads SESSION_FIELD here
 
 ROUTE = QUICK_ROUTE          # the route the page's script asks (base.PICK_JS)
 _model_slots = threading.BoundedSemaphore(MODEL_CONCURRENCY)   # a quick view may run the decoder
