@@ -168,6 +168,8 @@ def main(argv=None) -> int:
         print("dpt-lab: WARNING: " + manager.banner().replace("**", "").replace("`", ""), flush=True)
     demo = build_app(manager)
     print(f"dpt-lab: {memory.state().line()}", flush=True)
+    if os.environ.get("DPT_LAB_MEMLOG"):      # a CSV of RSS beside the store's accounting (bench/soak.py)
+        memory.start_log(os.environ["DPT_LAB_MEMLOG"], demo.dpt_lab.store.accounting)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None,
                 max_file_size=MAX_FILE_SIZE, allowed_paths=[str(ASSETS)], css=CSS, js=JS, show_error=False,

@@ -162,7 +162,8 @@ def one_run(tmp: Path, args, extra_env: dict, label: str, minutes: float) -> dic
     ckpt = save_fixture_checkpoint("depth_anything_v2_vits", weights)
     pics = picture_pool(run_dir, args.images)
     clip = make_clip(run_dir / "clip.mp4", pics[0][0])
-    proc, url = start_app(run_dir, args.python, weights, app_env(run_dir, **extra_env))
+    memlog = run_dir / "memlog.csv"
+    proc, url = start_app(run_dir, args.python, weights, app_env(run_dir, DPT_LAB_MEMLOG=str(memlog), **extra_env))
     samples: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     log = Log(t0)
@@ -198,7 +199,44 @@ def one_run(tmp: Path, args, extra_env: dict, label: str, minutes: float) -> dic
         stop_app(proc)
     app_log = (run_dir / "app.log").read_text(errors="replace")
     return dict(label=label, env=extra_env, minutes=minutes, rows=log.rows, samples=samples, wall=wall, peak=final.get("VmHWM", 0) << 10,
-                weights=ckpt.stat().st_size, allocator=[ln for ln in app_log.splitlines() if "allocator" in ln][:1])
+                weights=ckpt.stat().st_size, allocator=[ln for ln in app_log.splitlines() if "allocator" in ln][:1],
+                memlog=read_memlog(memlog))
+
+
+def read_memlog(path: Path) -> list[dict]:
+    """The server's DPT_LAB_MEMLOG rows: time, rss, and the store's kept / reserved / lingering / work."""
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [dict(r, rss=int(r["rss"]), kept=int(r["kept"]), reserved=int(r["reserved"]),
+                     lingering=int(r["lingering"]), time=float(r["time"])) for r in csv.DictReader(f)]
+
+
+def accounting_lines(memlog: list[dict]) -> list[str]:
+    """Where the resident memory went, from the server's own log (every 0.5 s): RSS against
+    what the store counted (kept + reserved for work in flight + lingering), the rest being
+    the process itself (Python, torch, Gradio, the weights) and whatever no estimate covers."""
+    if len(memlog) < 10:
+        return []
+    gb = 2 ** 30
+    base = memlog[0]["rss"]                 # before any request: the process with its weights
+    rest = [r["rss"] - r["kept"] - r["reserved"] - r["lingering"] for r in memlog]
+    peak = max(range(len(memlog)), key=lambda i: memlog[i]["rss"])
+    worst = sorted(range(len(memlog)), key=lambda i: rest[i], reverse=True)[:5]
+
+    def row(i):
+        r = memlog[i]
+        return (f"RSS {r['rss'] / gb:.2f} = kept {r['kept'] / gb:.2f} + reserved {r['reserved'] / gb:.2f} + "
+                f"lingering {r['lingering'] / gb:.2f} + the rest {rest[i] / gb:.2f} GB (work in flight: "
+                f"{r['work'] or 'none'})")
+
+    q = np.percentile(np.asarray(rest) / gb, [50, 99])
+    return ["", f"Accounting from the server's log ({len(memlog)} rows, every 0.5 s; the process alone at the start: "
+            f"{base / gb:.2f} GB): the rest beyond what the store counts, median {q[0]:.2f} GB, p99 {q[1]:.2f}, max "
+            f"{max(rest) / gb:.2f}.", f"- at the highest RSS: {row(peak)}",
+            *[f"- the rest at its largest: {row(i)}" for i in worst[:3]]]
 
 
 def window_growth(samples, window_min: float) -> tuple[float, float, float]:
@@ -250,7 +288,7 @@ def report(run: dict, args) -> list[str]:
               f"{max(r for t, r in samples if t >= samples[-1][0] - 60 * args.window) / gb:.2f} GB",
               f"- peak RSS (VmHWM): {run['peak'] / gb:.2f} GB; goal <= weights {run['weights'] / gb:.2f} + cap "
               f"{CACHE_BYTES / gb:.0f} + 1 GB = {peak_goal / gb:.2f} GB: {'met' if run['peak'] <= peak_goal else 'MISSED'}",
-              ""]
+              *accounting_lines(run.get("memlog") or []), ""]
     run["rps"] = rps
     return lines
 

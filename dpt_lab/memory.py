@@ -151,3 +151,28 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def start_log(path, fields, every_s: float = 0.5) -> threading.Thread:
+    """Append a CSV row to `path` every `every_s` seconds (a daemon thread): the time, this
+    process' RSS and the columns of `fields()` (the app passes store.accounting: what the
+    store counts beside what is resident; DPT_LAB_MEMLOG, read by bench/soak.py)."""
+    import csv
+    import time
+
+    def run():
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            header = None
+            while True:
+                row = dict(time=f"{time.time():.3f}", rss=rss_bytes(), **fields())
+                if header is None:
+                    header = list(row)
+                    out.writerow(header)
+                out.writerow([row.get(k, "") for k in header])
+                f.flush()
+                time.sleep(every_s)
+
+    thread = threading.Thread(target=run, name="dpt-lab-memlog", daemon=True)
+    thread.start()
+    return thread

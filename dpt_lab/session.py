@@ -586,7 +586,7 @@ class Lab:
         try:
             # each layer's fused matrix is kept for these settings; computing them holds more
             with self.store.using(entry), self.store.reserve(attention.rollout_bytes(probe, l0, head_fusion,
-                                                                                     discard_ratio)):
+                                                                                     discard_ratio), "rollout"):
                 picture, values = attention.rollout_view(probe, token, l0, self.display_image(state),
                                                          head_fusion=head_fusion, discard_ratio=discard_ratio,
                                                          cmap=cmap, alpha=alpha)
@@ -677,7 +677,7 @@ class Lab:
         try:
             # the latest run is kept (its depth and shares, not its records); while it runs, its
             # re-run of the blocks and the decoder holds about an encode's working set
-            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry)):
+            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry), what="ablation"):
                 res = _latest(entry, "ablation", (block, tuple(chosen), mode),
                               lambda: _ablated(model, entry, block, chosen, mode))
         except ablation.AblationError as exc:
@@ -791,7 +791,7 @@ class Lab:
                     # the latest factors' depth is kept (and the fusion inputs, again for a reloaded
                     # model); the decoder's maps are transient
                     with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry),
-                                                                       DECODE_FACTOR):
+                                                                       DECODE_FACTOR, "decode"):
                         scaled, dt = _latest(entry, "fusion scaled", key, lambda: (model.postprocess(
                             _scaled_decode(model, entry.feats, scales), entry.meta), time.perf_counter() - t0))
         metric = bool(entry.info.metric)
@@ -932,7 +932,7 @@ class Lab:
             stem = _safe_stem(Path(str(source)).stem) + "_depth"
             # the job's batches are sized to a budget it reserves under the store's cap
             budget = min(video.BATCH_BYTES, self.store.max_bytes // 4)
-            with self.store.reserve(budget):
+            with self.store.reserve(budget, "video"):
                 report = video.depth_video(
                     model, source, folder / f"{stem}.mp4", base_size=size, max_seconds=max_seconds, stride=stride,
                     side_by_side=bool(side_by_side), normalise=normalise, cmap=_cmap(cmap),
@@ -1001,6 +1001,6 @@ class Lab:
         # (bench/memory_ops.py: ~5.5x the weights and an encode's working set at that size)
         export_bytes = EXPORT_WEIGHT_COPIES * _weight_bytes(model) + self.store.working_set(
             name, (size or model.info.base_size) ** 2)
-        with self.store.reserve(export_bytes):
+        with self.store.reserve(export_bytes, "export"):
             return _export(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),
                            with_preprocessing=bool(with_preprocessing), opset=opset, verify=True, base_size=size)

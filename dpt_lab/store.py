@@ -180,6 +180,7 @@ class FeatureStore:
         # entries no longer kept but still alive (a handler in flight holds one): (weak reference, bytes);
         # they count against the cap until the last reference goes
         self._lingering: list[tuple[weakref.ref, int]] = []
+        self._work: dict[int, str] = {}              # what each reservation in flight is for
 
     @property
     def nbytes(self) -> int:
@@ -263,25 +264,36 @@ class FeatureStore:
         with self._lock:
             return int(factor * self._bytes_per_pixel.get(model_name, 0.0) * pixels)
 
-    def reserving(self, model_name: str, pixels: int, factor: float = WORKING_SET_FACTOR):
+    def reserving(self, model_name: str, pixels: int, factor: float = WORKING_SET_FACTOR, what: str = "encode"):
         """`reserve` the estimated working set of model work on `pixels` input pixels (an
         encode: the default factor; the decoder alone: DECODE_FACTOR)."""
-        return self.reserve(self.working_set(model_name, pixels, factor))
+        return self.reserve(self.working_set(model_name, pixels, factor), what)
 
     @contextmanager
-    def reserve(self, nbytes: int):
+    def reserve(self, nbytes: int, what: str = "work"):
         """Set aside `nbytes` for work in flight (an encode, an export, a rollout) while it
         runs, evicting least recently used entries so that kept + reserved bytes stay under
-        the cap: the cap bounds the transients as well as what is kept."""
+        the cap: the cap bounds the transients as well as what is kept. `what` names the
+        work in `accounting()`."""
         need = max(0, int(nbytes))
+        token = object()
         with self._lock:
             self.reserved += need
+            self._work[id(token)] = what
             self._fit(None)
         try:
             yield need
         finally:
             with self._lock:
                 self.reserved -= need
+                self._work.pop(id(token), None)
+
+    def accounting(self) -> dict:
+        """What the store counts now: bytes kept, reserved and lingering, and the work in flight
+        (DPT_LAB_MEMLOG logs it beside the RSS: memory.start_log)."""
+        with self._lock:
+            return dict(kept=sum(e.nbytes for e in self._entries.values()), reserved=self.reserved,
+                        lingering=self._lingering_bytes(), work="+".join(sorted(self._work.values())))
 
     @contextmanager
     def using(self, entry: Entry):

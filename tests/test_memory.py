@@ -97,3 +97,26 @@ def test_the_server_process_runs_with_the_tuned_allocator(tmp_path):
 def test_configure_checks_its_mode():
     with pytest.raises(ValueError, match="DPT_LAB_MALLOC"):
         memory.configure("sometimes")
+
+
+def test_the_memory_log_writes_rss_beside_the_stores_accounting(tmp_path):
+    """DPT_LAB_MEMLOG: a row every interval with the RSS and what the store counts, including
+    the work in flight named by its reservation."""
+    import csv
+
+    from dpt_lab.store import FeatureStore
+
+    store = FeatureStore(max_bytes=1 << 30)
+    path = tmp_path / "memlog.csv"
+    with store.reserve(123_456, "export"):
+        memory.start_log(path, store.accounting, every_s=0.05)
+        deadline = time.time() + 10
+        while time.time() < deadline and len(path.read_text().splitlines() if path.exists() else []) < 3:
+            time.sleep(0.05)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"time", "rss", "kept", "reserved", "lingering", "work"}
+    first = rows[0]
+    assert int(first["rss"]) == pytest.approx(memory.rss_bytes(), rel=0.5) and int(first["rss"]) > 0
+    assert (first["kept"], first["reserved"], first["lingering"], first["work"]) == ("0", "123456", "0", "export")
+    assert store.accounting() == dict(kept=0, reserved=0, lingering=0, work="")
