@@ -19,7 +19,9 @@ encode sets aside its estimated peak (WORKING_SET_FACTOR x the bytes per input p
 that model's largest entry), `with store.reserve(nbytes):` any other estimate (an export,
 a rollout's matrices), and least recently used entries are evicted until what is kept
 plus what is reserved fits under the cap. So two wide images encoded at once, or an
-export beside them, do not add their working sets on top of a full store. An entry that
+export beside them, do not add their working sets on top of a full store; when an empty
+store still leaves no room, a reservation waits (up to RESERVE_WAIT_S) for the work in
+flight to end. An entry that
 is evicted while a request still holds it stays alive until that request ends: it counts
 against the cap ("lingering", followed by a weak reference) until its last reference goes.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -38,6 +41,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 DEFAULT_CACHE_BYTES = 2 << 30
+RESERVE_WAIT_S = 5.0         # the longest a reservation waits for room before going ahead
 ENDED_KEPT = 10_000          # closed sessions remembered (a few hundred kB)
 # An encode's peak working set against the entry it leaves: the entry itself plus the
 # transients (decoder maps at full resolution, the MLP's hidden layer, the resize back).
@@ -181,6 +185,8 @@ class FeatureStore:
         # they count against the cap until the last reference goes
         self._lingering: list[tuple[weakref.ref, int]] = []
         self._work: dict[int, str] = {}              # what each reservation in flight is for
+        self._room = threading.Condition(self._lock)  # signalled when a reservation ends
+        self.waits = 0              # times a reservation waited for room
 
     @property
     def nbytes(self) -> int:
@@ -270,23 +276,43 @@ class FeatureStore:
         return self.reserve(self.working_set(model_name, pixels, factor), what)
 
     @contextmanager
-    def reserve(self, nbytes: int, what: str = "work"):
+    def reserve(self, nbytes: int, what: str = "work", wait_s: Optional[float] = None):
         """Set aside `nbytes` for work in flight (an encode, an export, a rollout) while it
-        runs, evicting least recently used entries so that kept + reserved bytes stay under
-        the cap: the cap bounds the transients as well as what is kept. `what` names the
-        work in `accounting()`."""
+        runs, evicting least recently used entries so that kept + lingering + reserved bytes
+        stay under the cap: the cap bounds the transients as well as what is kept. When even
+        an empty store leaves no room (other work in flight, entries still held), it waits up
+        to `wait_s` (default RESERVE_WAIT_S) for that work to end, then goes ahead anyway
+        (work that holds an entry may be what it waits for). When the work ends, its freed
+        memory goes back to the OS (memory.release) before its bytes are given back. `what`
+        names the work in `accounting()`."""
+        from . import memory
+
         need = max(0, int(nbytes))
         token = object()
-        with self._lock:
-            self.reserved += need
+        deadline = time.monotonic() + (RESERVE_WAIT_S if wait_s is None else wait_s)
+        with self._room:
+            while True:
+                self.reserved += need
+                self._fit(None)
+                others = self.reserved > need or self._lingering_bytes() > 0
+                if self._total() <= self.max_bytes or not others or time.monotonic() >= deadline:
+                    break
+                self.reserved -= need
+                self.waits += 1
+                self._room.wait(0.05)      # entries still held go without a signal: look again soon
             self._work[id(token)] = what
-            self._fit(None)
         try:
             yield need
         finally:
-            with self._lock:
+            memory.release()
+            with self._room:
                 self.reserved -= need
                 self._work.pop(id(token), None)
+                self._room.notify_all()
+
+    def _total(self) -> int:
+        """Kept + reserved + lingering bytes. Holds the lock."""
+        return sum(e.nbytes for e in self._entries.values()) + self.reserved + self._lingering_bytes()
 
     def accounting(self) -> dict:
         """What the store counts now: bytes kept, reserved and lingering, and the work in flight
@@ -317,7 +343,7 @@ class FeatureStore:
         if newest in self._entries and self._entries[newest].nbytes > self.max_bytes:
             self._evict(newest)
             self.too_large += 1
-        total = sum(e.nbytes for e in self._entries.values()) + self.reserved + self._lingering_bytes()
+        total = self._total()
         for k in list(self._entries):
             if total <= self.max_bytes:
                 break

@@ -171,6 +171,38 @@ def test_an_evicted_entry_still_in_use_counts_against_the_cap(lab):
     assert len(lab.store.entries("c")) == len(lab.store.entries("d")) == 1     # now c stays beside d
 
 
+def test_a_reservation_waits_for_room_while_other_work_holds_it():
+    """Kept + lingering + reserved stay under the cap when other work in flight holds the
+    room: a new reservation waits for it (up to its limit), and goes ahead at once when no
+    other work could free anything."""
+    import time
+
+    st = store.FeatureStore(max_bytes=1000)
+    entered, seen = threading.Event(), []
+
+    def second():
+        with st.reserve(500, "encode", wait_s=30):
+            seen.append(st.accounting())
+            entered.set()
+
+    with st.reserve(800, "export"):
+        worker = threading.Thread(target=second)
+        worker.start()
+        assert not entered.wait(0.3) and st.waits > 0        # no room beside the export: it waits
+        assert st.accounting()["work"] == "export"
+    assert entered.wait(10)                                  # the export ended: room
+    worker.join()
+    assert seen == [dict(kept=0, reserved=500, lingering=0, work="encode")]
+    with st.reserve(5000):                                   # alone, past the cap: nothing to wait for
+        assert st.reserved == 5000
+    with st.reserve(800):
+        t0 = time.monotonic()
+        with st.reserve(500, wait_s=0.2):                    # waiting has its limit
+            assert st.reserved == 1300
+        assert time.monotonic() - t0 >= 0.2
+    assert st.reserved == 0
+
+
 def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     """While a model encodes, kept + reserved bytes stay under the cap: older entries are
     evicted for the encode's estimated peak, not only after it has finished."""
@@ -179,6 +211,7 @@ def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     pixels = one.x.shape[-2] * one.x.shape[-1]
     assert lab.store.working_set(S.RANDOM_MODEL, pixels) == int(store.WORKING_SET_FACTOR * one.nbytes)
     assert lab.store.working_set("another model", pixels) == 0       # nothing learnt of it yet
+    del one                          # held here, an evicted entry would still count (it lingers)
     lab.depth_view("b", None, picture(21), S.RANDOM_MODEL, BASE)
     assert len(lab.store.entries("a")) == len(lab.store.entries("b")) == 1
     need = lab.store.working_set(S.RANDOM_MODEL, pixels)
