@@ -36,6 +36,10 @@ the route's: `to server` until the route started, `handler` its whole answer (th
 its JPEG), `gradio` 0, `to browser` until the response's end (resource timing), `draw`; the
 last column counts how many of an interaction's repetitions the quick path showed.
 
+Each interaction starts once the page has settled (the picture it watches unchanged for
+0.5 s): an action's quick-path picture and then its Gradio event's output both change the
+<img>, so without it the next action would be timed by the previous one's late output.
+
 Then Gradio's own floor in the same browser: a button whose handler returns at once, until its
 text or a 451x300 JPEG is shown. No interaction through Gradio's events is quicker than that.
 """
@@ -86,6 +90,21 @@ WAIT_IMG = """async ([sel, old]) => {
     await new Promise(r => requestAnimationFrame(() => r()));
   }
 }"""
+
+# Resolves once the <img> under `sel` has kept its src for `quiet` ms: the interaction before is over
+# (the quick path's picture and then its Gradio event's both shown), so the next one's first new
+# picture is its own.
+SETTLE = """async ([sel, quiet]) => {
+  let last = null, since = performance.now();
+  for (;;) {
+    const e = document.querySelector(sel + ' img');
+    const src = e ? e.src : null;
+    if (src !== last) { last = src; since = performance.now(); }
+    else if (performance.now() - since >= quiet) return src;
+    await new Promise(r => setTimeout(r, 20));
+  }
+}"""
+SETTLE_MS = 500
 
 # Plotly: a new figure object on the plot div, drawn (plotly_afterplot), then one frame.
 WAIT_PLOT = """async ([sel, oldMark]) => {
@@ -293,6 +312,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     t0 = now()
     page.get_by_role("tab", name="Attention", exact=True).click()
     timing = page.evaluate(WAIT_IMG, ["#attention-tiles", old])
+    timing["src"] = page.evaluate(SETTLE, ["#attention-tiles", SETTLE_MS])
     record("attention_tab", t0, timing,
            ref_of(lambda: lab.attention_at(sess, dict(state), None, None, 12, "row", False, False, "inferno", 0.0,
                                            False)) if results is not None else None)
@@ -307,6 +327,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
         t0 = now()
         page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
         timing = page.evaluate(WAIT_IMG, ["#attention-tiles", old])
+        timing["src"] = page.evaluate(SETTLE, ["#attention-tiles", SETTLE_MS])
         record("click", t0, timing,
                ref_of(lambda: lab.attention_at(sess, dict(state), fx * 600, fy * 400, 12, "row", False, False,
                                                "inferno", 0.0, False)) if results is not None else None)
@@ -324,6 +345,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     old = page.evaluate("() => { const e = document.querySelector('#fusion-scaled img'); return e ? e.src : null; }")
     page.get_by_role("tab", name="Fusion scaling", exact=True).click()
     timing = page.evaluate(WAIT_IMG, ["#fusion-scaled", old])
+    timing["src"] = page.evaluate(SETTLE, ["#fusion-scaled", SETTLE_MS])
     entry = lab.store.entries(sess)[-1]
     values = np.linspace(0.9, -1.5, 2 if warm else args.drags)
     for v in values:
@@ -331,6 +353,7 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
         t0 = now()
         page.locator("#fusion-scale-2 input[type=range]").fill(f"{v:.2f}")
         timing = page.evaluate(WAIT_IMG, ["#fusion-scaled", old])
+        timing["src"] = page.evaluate(SETTLE, ["#fusion-scaled", SETTLE_MS])
         if results is not None:
             with torch.inference_mode():
                 t = time.perf_counter()
