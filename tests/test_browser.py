@@ -322,6 +322,28 @@ def test_a_slider_dragged_through_ten_positions_ends_on_the_last(browser_page):
     assert not errors, errors
 
 
+def test_the_first_picture_after_a_fusion_slider_move_is_that_positions(browser_page):
+    """The quick path answers a slider move with the depth of the slider's new value (not the
+    value before it), and Gradio's output that follows shows the same."""
+    page, server, errors = browser_page
+    page.get_by_role("tab", name="Fusion scaling").click()
+    wait_text(page, "#fusion-info", "factors 1, 1, 1, 1 ")
+    slider = page.locator("#fusion-scale-2 input[type=range]")
+    for value in (0.4, -0.8):
+        page.wait_for_timeout(500)                            # the previous move's pictures are all in
+        old = src_of(page, "#fusion-scaled")
+        slider.fill(f"{value:g}")
+        wait_src_change(page, "#fusion-scaled", old)          # the first new picture, from either path
+        shown = img_pixels(page, "#fusion-scaled")
+        ref = server.lab.fusion_view(browser_session(server), session_state(server), (1, value, 1, 1), "turbo")
+        assert_shown(shown, ref.scaled.colored)
+        wait_text(page, "#fusion-info", f"factors 1, {value:g}, 1, 1 ")
+        assert_shown(img_pixels(page, "#fusion-scaled"), ref.scaled.colored)
+    page.locator("#fusion-reset").click()
+    wait_text(page, "#fusion-info", "factors 1, 1, 1, 1 ")
+    assert not errors, errors
+
+
 def test_a_burst_of_clicks_ends_on_the_last_clicks_tiles(browser_page):
     from dpt_lab import attention
 

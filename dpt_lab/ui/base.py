@@ -209,19 +209,35 @@ window.dptQuick = (tab, params) => {
         }
       })
       .catch(() => {})
-      .finally(() => { q.busy = false; if (q.next) send(); });
+      .finally(() => {
+        q.busy = false;
+        if (q.next) { send(); return; }
+        // a slider moved without a pointer on it (keys, a typed or scripted value): let go of it for
+        // Gradio, whose release event then sets every output from the decode just made; a pointer
+        // drag gets its release from the pointer itself
+        if (q.slider && !window.dptPointerDown) {
+          const range = document.querySelector(`#${q.slider} input[type=range]`);
+          if (range) range.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
+        }
+        q.slider = null;
+      });
   };
   send();
 };
+document.addEventListener("pointerdown", () => { window.dptPointerDown = true; }, true);
+document.addEventListener("pointerup", (ev) => { if (ev.isTrusted) window.dptPointerDown = false; }, true);
 for (const [tab, ids] of Object.entries(QUICK_SLIDERS)) {
   document.addEventListener("input", (ev) => {
     if (!(ev.target instanceof Element) || !ids.some((id) => ev.target.closest("#" + id))) return;
+    // the input that fired has the new value; of the others, the range (a slider's number box is
+    // first in the page, and it follows the range a tick later)
     const params = {};
     for (const id of ids) {
-      const box = document.querySelector(`#${id} input[type=range], #${id} input[type=number]`);
-      if (box) params[id] = box.value;
+      const box = ev.target.closest("#" + id) ? ev.target : document.querySelector(`#${id} input[type=range]`);
+      if (box && box.value !== undefined) params[id] = box.value;
     }
     window.dptQuick(tab, params);
+    window.dptQuickState[tab].slider = ids.find((id) => ev.target.closest("#" + id));
   }, true);
 }
 """

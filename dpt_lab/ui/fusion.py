@@ -68,17 +68,21 @@ def build(ctx: Context) -> Tab:
 
     api_btn = gr.Button(visible=False)          # /fusion for scripts: every image, lossless PNGs
     api_btn.click(do_fusion, [*scales, fcmap, ctx.state], outputs, api_name="fusion", preprocess=False, **MODEL_EVENT)
-    # The page's quick path shows each position as a slider moves (quick_view); this event follows
-    # and sets every output, from the decode the quick path has just made (Lab.fusion_view keeps
-    # the latest factors' depth, and one decode serves both when they ask at once).
-    gr.on([s.change for s in scales] + [fcmap.change], show_fusion, [*scales, fcmap, ctx.state], outputs,
-          api_visibility="private", preprocess=False, trigger_mode="always_last", show_progress="hidden",
-          **MODEL_EVENT)
+    # The page's quick path shows each position as a slider moves (quick_view); this event runs when
+    # the slider is let go (the page's script lets go for keys and typed values once the quick path
+    # has answered) and sets every output from the decode the quick path has just made
+    # (Lab.fusion_view keeps the latest factors' depth; one decode serves both when they ask at once).
+    page = dict(api_visibility="private", preprocess=False, trigger_mode="always_last", show_progress="hidden",
+                **MODEL_EVENT)
+    gr.on([s.release for s in scales] + [fcmap.change], show_fusion, [*scales, fcmap, ctx.state], outputs, **page)
     ffiles_btn.click(do_files, [*scales, fcmap, ctx.state], [ffiles], api_name="fusion_files", preprocess=False,
                      **MODEL_EVENT)
-    preset.input(user_errors(lab.fusion_preset), [preset], scales, api_visibility="private", queue=False)
-    glitch.click(lambda: lab.fusion_glitch(), None, scales, api_visibility="private", queue=False)
-    reset.click(lambda: lab.fusion_preset("reset"), None, scales, api_visibility="private", queue=False)
+    for set_factors in (preset.input(user_errors(lab.fusion_preset), [preset], scales, api_visibility="private",
+                                     queue=False),
+                        glitch.click(lambda: lab.fusion_glitch(), None, scales, api_visibility="private", queue=False),
+                        reset.click(lambda: lab.fusion_preset("reset"), None, scales, api_visibility="private",
+                                    queue=False)):
+        set_factors.then(show_fusion, [*scales, fcmap, ctx.state], outputs, **page)
 
     def quick_view(session, st, query):
         """The scaled depth and the difference for the sliders' values in the query (a drag), or
