@@ -586,7 +586,8 @@ class Lab:
         try:
             # each layer's fused matrix is kept for these settings; computing them holds more
             with self.store.using(entry), self.store.reserve(attention.rollout_bytes(probe, l0, head_fusion,
-                                                                                     discard_ratio), "rollout"):
+                                                                                     discard_ratio), "rollout",
+                                                                keep=entry):
                 picture, values = attention.rollout_view(probe, token, l0, self.display_image(state),
                                                          head_fusion=head_fusion, discard_ratio=discard_ratio,
                                                          cmap=cmap, alpha=alpha)
@@ -677,7 +678,8 @@ class Lab:
         try:
             # the latest run is kept (its depth and shares, not its records); while it runs, its
             # re-run of the blocks and the decoder holds about an encode's working set
-            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry), what="ablation"):
+            with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry), what="ablation",
+                                                                           keep=entry):
                 res = _latest(entry, "ablation", (block, tuple(chosen), mode),
                               lambda: _ablated(model, entry, block, chosen, mode))
         except ablation.AblationError as exc:
@@ -791,7 +793,7 @@ class Lab:
                     # the latest factors' depth is kept (and the fusion inputs, again for a reloaded
                     # model); the decoder's maps are transient
                     with self.store.using(entry), self.store.reserving(entry.model_name, _pixels(entry),
-                                                                       DECODE_FACTOR, "decode"):
+                                                                       DECODE_FACTOR, "decode", keep=entry):
                         scaled, dt = _latest(entry, "fusion scaled", key, lambda: (model.postprocess(
                             _scaled_decode(model, entry.feats, scales), entry.meta), time.perf_counter() - t0))
         metric = bool(entry.info.metric)

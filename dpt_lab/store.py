@@ -270,13 +270,14 @@ class FeatureStore:
         with self._lock:
             return int(factor * self._bytes_per_pixel.get(model_name, 0.0) * pixels)
 
-    def reserving(self, model_name: str, pixels: int, factor: float = WORKING_SET_FACTOR, what: str = "encode"):
+    def reserving(self, model_name: str, pixels: int, factor: float = WORKING_SET_FACTOR, what: str = "encode",
+                  keep: Optional[Entry] = None):
         """`reserve` the estimated working set of model work on `pixels` input pixels (an
         encode: the default factor; the decoder alone: DECODE_FACTOR)."""
-        return self.reserve(self.working_set(model_name, pixels, factor), what)
+        return self.reserve(self.working_set(model_name, pixels, factor), what, keep=keep)
 
     @contextmanager
-    def reserve(self, nbytes: int, what: str = "work", wait_s: Optional[float] = None):
+    def reserve(self, nbytes: int, what: str = "work", wait_s: Optional[float] = None, keep: Optional[Entry] = None):
         """Set aside `nbytes` for work in flight (an encode, an export, a rollout) while it
         runs, evicting least recently used entries so that kept + lingering + reserved bytes
         stay under the cap: the cap bounds the transients as well as what is kept. When even
@@ -284,7 +285,7 @@ class FeatureStore:
         to `wait_s` (default RESERVE_WAIT_S) for that work to end, then goes ahead anyway
         (work that holds an entry may be what it waits for). When the work ends, its freed
         memory goes back to the OS (memory.release) before its bytes are given back. `what`
-        names the work in `accounting()`."""
+        names the work in `accounting()`; `keep`: the entry the work is on, never evicted for it."""
         from . import memory
 
         need = max(0, int(nbytes))
@@ -293,7 +294,7 @@ class FeatureStore:
         with self._room:
             while True:
                 self.reserved += need
-                self._fit(None)
+                self._fit(next((k for k, e in self._entries.items() if e is keep), None) if keep else None)
                 others = self.reserved > need or self._lingering_bytes() > 0
                 if self._total() <= self.max_bytes or not others or time.monotonic() >= deadline:
                     break

@@ -171,6 +171,20 @@ def test_an_evicted_entry_still_in_use_counts_against_the_cap(lab):
     assert len(lab.store.entries("c")) == len(lab.store.entries("d")) == 1     # now c stays beside d
 
 
+def test_work_on_an_entry_never_evicts_that_entry_for_its_own_reservation(lab):
+    """A rollout, a fusion decode or an ablation reserves room beside the entry it works on:
+    other entries go to make room, never that one (it would be encoded again next time)."""
+    lab.depth_view("b", None, picture(71), S.RANDOM_MODEL, BASE)
+    st, _ = lab.depth_view("a", None, picture(70), S.RANDOM_MODEL, BASE)
+    lab.store.max_bytes = int(2.5 * lab.store.entries("a")[0].nbytes)   # a, b and any reservation do not fit
+    encodes = lab.store.encodes
+    lab.fusion_view("a", st, (1, 0.5, 1, 1))
+    lab.rollout_at("a", st, 10, 10)
+    lab.ablation_view("a", st, 3, source="patches", patches="1,1")
+    assert len(lab.store.entries("a")) == 1 and lab.store.entries("b") == []
+    assert lab.store.encodes == encodes
+
+
 def test_a_reservation_waits_for_room_while_other_work_holds_it():
     """Kept + lingering + reserved stay under the cap when other work in flight holds the
     room: a new reservation waits for it (up to its limit), and goes ahead at once when no
