@@ -232,7 +232,7 @@ def main() -> None:
     refs: dict[str, list[float]] = {k: [] for k in GOALS}
     with tempfile.TemporaryDirectory(prefix="dpt_lab_ui_latency_") as tmp:
         tmp = Path(tmp)
-        server = launch(tmp, checkpoints=(args.stem,))
+        server = launch(tmp, checkpoints=(args.stem,), heartbeat_s=15)    # Gradio's own interval, as the app runs
         lab, model = server.lab, server.manager.get(server.model)
         pics = pictures(args.reps, tmp)
         traces = Traces()
