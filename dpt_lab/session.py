@@ -26,10 +26,12 @@ encoder passes (tests check it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +350,21 @@ def _latest(entry: Entry, kind: str, params, make):
     return value
 
 
+_cached_only = threading.local()
+
+
+@contextlib.contextmanager
+def cached_only():
+    """In this thread, work only on encodes the store still keeps: a background job (a hidden
+    tab's prepare) whose encode was evicted must not encode it again (a ViT-L page's old
+    picture, encoded again that way, pushed out the picture on screen)."""
+    _cached_only.active = True
+    try:
+        yield
+    finally:
+        _cached_only.active = False
+
+
 class Lab:
     """The plain functions behind the tabs, over one ModelManager and one FeatureStore."""
 
@@ -385,10 +402,16 @@ class Lab:
         return (state["model"], state["hash"], state["base_size"], state["keep_aspect"])
 
     def entry(self, session: str, state: Optional[dict], progress: Optional[ProgressFn] = None) -> Entry:
-        """The session's encode of its current image (re-encoded only when missing)."""
+        """The session's encode of its current image (re-encoded only when missing, except
+        inside `cached_only()`)."""
         if not state or state.get("image") is None:
             raise SessionError("no image yet: run the Depth tab on an image first")
         key = self.entry_key(state)
+        if getattr(_cached_only, "active", False):
+            hit = self.store.get(session or DEFAULT_SESSION, key)
+            if hit is None:
+                raise SessionError("that encode is no longer kept (background work does not encode)")
+            return hit
         return self.store.get_or_compute(
             session or DEFAULT_SESSION, key,
             lambda: self._encode(state["model"], state["image"], state["base_size"], state["keep_aspect"], key,

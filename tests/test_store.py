@@ -185,6 +185,22 @@ def test_work_on_an_entry_never_evicts_that_entry_for_its_own_reservation(lab):
     assert lab.store.encodes == encodes
 
 
+def test_background_work_never_encodes_an_evicted_image_again(lab):
+    """A hidden tab's prepare (and the page's quick path) run inside cached_only(): once the
+    encode they were for is gone, they fail instead of encoding it again, which would push
+    out the encode on screen."""
+    st, _ = lab.depth_view("a", None, picture(80), S.RANDOM_MODEL, BASE)
+    with S.cached_only():
+        assert lab.norms_view("a", st).result.num_blocks == 12         # kept: served
+    lab.store.clear()
+    encodes = lab.store.encodes
+    with S.cached_only(), pytest.raises(S.SessionError, match="no longer kept"):
+        lab.norms_view("a", st)
+    assert lab.store.encodes == encodes and lab.store.nbytes == 0
+    lab.norms_view("a", st)                                            # a request of the user's own encodes
+    assert lab.store.encodes == encodes + 1
+
+
 def test_a_reservation_waits_for_room_while_other_work_holds_it():
     """Kept + lingering + reserved stay under the cap when other work in flight holds the
     room: a new reservation waits for it (up to its limit), and goes ahead at once when no

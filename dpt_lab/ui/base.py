@@ -396,7 +396,8 @@ def _prepare_in_background(lab: S.Lab, session: str, st: dict, jobs: list) -> No
             if lab.store.ended(session):      # the page closed meanwhile: nothing to prepare for
                 return
             try:
-                prepare(session, st, *controls)
+                with S.cached_only():        # an evicted encode is not encoded again for a hidden tab
+                    prepare(session, st, *controls)
             except Exception as exc:      # noqa: BLE001 - logged; the tab's own refresh reports errors
                 print(f"dpt-lab: {tab_id} tab not prepared: {one_line(exc)}", file=sys.stderr, flush=True)
     threading.Thread(target=run, name="dpt-lab-prepare", daemon=True).start()

@@ -30,6 +30,7 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI reads the route's annotations from here
 
 from .. import memory
+from .. import session as S
 from .base import MODEL_CONCURRENCY, QUICK_ROUTE, SESSION_FIELD, page_jpeg  # noqa: F401 - app.py reads SESSION_FIELD here
 
 ROUTE = QUICK_ROUTE          # the route the page's script asks (base.PICK_JS)
@@ -91,7 +92,7 @@ def render(views: dict[str, Callable], demo, state_component, query: dict) -> Op
     if st is None or st.get("image") is None:
         return None
     try:
-        with _model_slots:
+        with _model_slots, S.cached_only():        # never an encode: the Gradio event does that
             pictures = view(session, dict(st), query)
     except Exception:        # noqa: BLE001 - the Gradio event that follows shows the error
         return None
