@@ -57,9 +57,9 @@ seen = {"max": 0}
 plain_reserve = store.reserve
 
 
-def watched_reserve(nbytes):
+def watched_reserve(nbytes, *args, **kwargs):
     seen["max"] = max(seen["max"], store.reserved + max(0, int(nbytes)))
-    return plain_reserve(nbytes)
+    return plain_reserve(nbytes, *args, **kwargs)
 
 
 store.reserve = watched_reserve
