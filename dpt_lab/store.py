@@ -294,7 +294,7 @@ class FeatureStore:
         with self._room:
             while True:
                 self.reserved += need
-                self._fit(next((k for k, e in self._entries.items() if e is keep), None) if keep else None)
+                self._fit(self._key_of(keep))
                 others = self.reserved > need or self._lingering_bytes() > 0
                 if self._total() <= self.max_bytes or not others or time.monotonic() >= deadline:
                     break
@@ -310,6 +310,10 @@ class FeatureStore:
                 self.reserved -= need
                 self._work.pop(id(token), None)
                 self._room.notify_all()
+
+    def _key_of(self, entry: Optional[Entry]) -> Optional[tuple]:
+        """The key under which `entry` is kept (None: not kept, or no entry). Holds the lock."""
+        return next((k for k, e in self._entries.items() if e is entry), None) if entry is not None else None
 
     def _total(self) -> int:
         """Kept + reserved + lingering bytes. Holds the lock."""
@@ -333,7 +337,7 @@ class FeatureStore:
             with self._lock:
                 if size != entry.nbytes:
                     entry.nbytes = size
-                    key = next((k for k, e in self._entries.items() if e is entry), None)
+                    key = self._key_of(entry)
                     if key is not None:
                         self._fit(key)
 

@@ -341,7 +341,7 @@ def wire_refreshes(ctx: Context, tabs: list[tuple[str, Any, Tab]]) -> None:
     def render_if_stale(tab_id: str, tab: Tab, active, st, request, controls):
         """The tab's outputs if it is the visible one and has not shown this encode yet."""
         n_out = len(tab.outputs)
-        if active != tab_id or not has_image(st) or st["rendered"].get(tab_id) == lab.entry_key(st):
+        if active != tab_id or not has_image(st) or shows_current(st, tab_id, lab):
             return skips(n_out)
         try:
             return tab.refresh(*controls, st, request)
@@ -412,3 +412,8 @@ def _tab_refresh(render_if_stale, tab_id: str, tab: Tab):
 def mark_rendered(st, tab_id: str, lab: S.Lab) -> None:
     """The session's tab `tab_id` now shows its current encode (no refresh until a new one)."""
     st["rendered"][tab_id] = lab.entry_key(st)
+
+
+def shows_current(st, tab_id: str, lab: S.Lab) -> bool:
+    """Whether the session's tab `tab_id` shows its current encode already (mark_rendered)."""
+    return st["rendered"].get(tab_id) == lab.entry_key(st)

@@ -8,7 +8,7 @@ import gradio as gr
 from .. import gpu
 from .. import session as S
 from . import quick
-from .base import MODEL_EVENT, Context, Tab, mark_rendered, out_dir, page_image, sid, user_errors
+from .base import MODEL_EVENT, Context, Tab, mark_rendered, out_dir, page_image, shows_current, sid, user_errors
 
 ID, TITLE = "fusion", "Fusion scaling"
 UNSCALED = "fusion-unscaled"      # SessionState.rendered key: the unscaled depth on screen (encode, colormap)
@@ -93,7 +93,7 @@ def build(ctx: Context) -> Tab:
         dragged = all(k in query for k in SLIDERS)
         if dragged:
             factors = tuple(float(query[k]) for k in SLIDERS)
-        elif not quick.stale(lab, st, ID):
+        elif shows_current(st, ID, lab):
             return None
         else:
             factors = c["scales"]

@@ -31,7 +31,13 @@ from fastapi import Request  # at module level: FastAPI reads the route's annota
 
 from .. import memory
 from .. import session as S
-from .base import MODEL_CONCURRENCY, QUICK_ROUTE, SESSION_FIELD, page_jpeg  # noqa: F401 - app.py reads SESSION_FIELD here
+from .base import (  # noqa: F401 - app.py reads SESSION_FIELD here
+    MODEL_CONCURRENCY,
+    QUICK_ROUTE,
+    SESSION_FIELD,
+    page_jpeg,
+    shows_current,
+)
 
 ROUTE = QUICK_ROUTE          # the route the page's script asks (base.PICK_JS)
 _model_slots = threading.BoundedSemaphore(MODEL_CONCURRENCY)   # a quick view may run the decoder
@@ -48,11 +54,6 @@ def controls(st: dict, tab_id: str) -> Optional[dict]:
     return (st.get("controls") or {}).get(tab_id)
 
 
-def stale(lab, st: dict, tab_id: str) -> bool:
-    """Whether the tab has not shown the session's current encode yet (its opening asks for it)."""
-    return st["rendered"].get(tab_id) != lab.entry_key(st)
-
-
 def picked(lab, st: dict, tab_id: str, query: dict):
     """For a picker tab's quick view: (its recorded controls, x, y) of a click or hover (query
     x, y: display pixels -> pixels of the original image), or (controls, None, None) at the
@@ -63,7 +64,7 @@ def picked(lab, st: dict, tab_id: str, query: dict):
         return None
     if "x" in query:
         return (c, *lab.display_to_image(st, query["x"], query.get("y")))
-    return (c, None, None) if stale(lab, st, tab_id) else None
+    return None if shows_current(st, tab_id, lab) else (c, None, None)
 
 
 def data_url(rgb: np.ndarray) -> str:
