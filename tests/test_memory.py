@@ -108,15 +108,20 @@ def test_the_memory_log_writes_rss_beside_the_stores_accounting(tmp_path):
 
     store = FeatureStore(max_bytes=1 << 30)
     path = tmp_path / "memlog.csv"
+    # The RSS is sampled around the log's rows, not once after them: memory freed by an earlier
+    # test can go back to the OS meanwhile (CI saw 3.6 GB in the row and 2.2 GB a moment later).
+    seen = [memory.rss_bytes()]
     with store.reserve(123_456, "export"):
         memory.start_log(path, store.accounting, every_s=0.05)
         deadline = time.time() + 10
         while time.time() < deadline and len(path.read_text().splitlines() if path.exists() else []) < 3:
+            seen.append(memory.rss_bytes())
             time.sleep(0.05)
+    seen.append(memory.rss_bytes())
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and set(rows[0]) == {"time", "rss", "kept", "reserved", "lingering", "work"}
     first = rows[0]
-    assert int(first["rss"]) == pytest.approx(memory.rss_bytes(), rel=0.5) and int(first["rss"]) > 0
+    assert 0.9 * min(seen) <= int(first["rss"]) <= 1.1 * max(seen)
     assert (first["kept"], first["reserved"], first["lingering"], first["work"]) == ("0", "123456", "0", "export")
     assert store.accounting() == dict(kept=0, reserved=0, lingering=0, work="")
