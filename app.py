@@ -25,6 +25,7 @@ from dpt_lab import (
 )
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
+from dpt_lab.store import PROCESS_ALLOWANCE_BYTES
 from dpt_lab.ui import (
     ablation,
     attention,
@@ -153,6 +154,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def events_in_flight(demo: gr.Blocks) -> str:
+    """The API names of the events Gradio's queue is running now ('+'-joined), for the memory log."""
+    jobs = getattr(getattr(demo, "_queue", None), "active_jobs", None) or []
+    return "+".join(sorted(str(getattr(e.fn, "api_name", None) or getattr(e.fn, "name", "?"))
+                           for job in list(jobs) if job for e in job))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     memory.configure()         # first, while this process has one thread
@@ -168,8 +176,14 @@ def main(argv=None) -> int:
         print("dpt-lab: WARNING: " + manager.banner().replace("**", "").replace("`", ""), flush=True)
     demo = build_app(manager)
     print(f"dpt-lab: {memory.state().line()}", flush=True)
+    # the server only (not build_app: a test process' RSS is not the app's): past its weights and
+    # an allowance, the process' measured memory comes off the store's cap (store.outside_allowance)
+    store = demo.dpt_lab.store
+    store.outside_allowance = lambda: manager.weight_bytes() + PROCESS_ALLOWANCE_BYTES
+    store.watch()
     if os.environ.get("DPT_LAB_MEMLOG"):      # a CSV of RSS beside the store's accounting (bench/soak.py)
-        memory.start_log(os.environ["DPT_LAB_MEMLOG"], demo.dpt_lab.store.accounting)
+        memory.start_log(os.environ["DPT_LAB_MEMLOG"],
+                         lambda: dict(demo.dpt_lab.store.accounting(), events=events_in_flight(demo)))
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None,
                 max_file_size=MAX_FILE_SIZE, allowed_paths=[str(ASSETS)], css=CSS, js=JS, show_error=False,

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from fixtures import save_fixture_checkpoint
 from dpt_lab import session as S
-from dpt_lab.models import ModelManager
+from dpt_lab.models import ModelManager, weight_bytes
 
 
 def status(key):
@@ -124,7 +124,7 @@ for i in range(runs + 1):
         if i:                            # round 0 warms up
             rows.append(row)
 entry = store.entries("s")[-1]
-print(json.dumps(dict(rows=rows, entry=entry.nbytes, weights=S._weight_bytes(lab.manager.get(name)),
+print(json.dumps(dict(rows=rows, entry=entry.nbytes, weights=weight_bytes(lab.manager.get(name)),
                       input=list(entry.x.shape[-2:]))))
 """
 

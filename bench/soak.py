@@ -211,7 +211,8 @@ def read_memlog(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return [dict(r, rss=int(r["rss"]), kept=int(r["kept"]), reserved=int(r["reserved"]),
-                     lingering=int(r["lingering"]), time=float(r["time"])) for r in csv.DictReader(f)]
+                     lingering=int(r["lingering"]), squeezed=int(r.get("squeezed") or 0), time=float(r["time"]))
+                for r in csv.DictReader(f)]
 
 
 def accounting_lines(memlog: list[dict]) -> list[str]:
@@ -230,13 +231,30 @@ def accounting_lines(memlog: list[dict]) -> list[str]:
         r = memlog[i]
         return (f"RSS {r['rss'] / gb:.2f} = kept {r['kept'] / gb:.2f} + reserved {r['reserved'] / gb:.2f} + "
                 f"lingering {r['lingering'] / gb:.2f} + the rest {rest[i] / gb:.2f} GB (work in flight: "
-                f"{r['work'] or 'none'})")
+                f"{r['work'] or 'none'}; events: {r.get('events') or 'none'})")
 
     q = np.percentile(np.asarray(rest) / gb, [50, 99])
     return ["", f"Accounting from the server's log ({len(memlog)} rows, every 0.5 s; the process alone at the start: "
             f"{base / gb:.2f} GB): the rest beyond what the store counts, median {q[0]:.2f} GB, p99 {q[1]:.2f}, max "
             f"{max(rest) / gb:.2f}.", f"- at the highest RSS: {row(peak)}",
-            *[f"- the rest at its largest: {row(i)}" for i in worst[:3]]]
+            *[f"- the rest at its largest: {row(i)}" for i in worst[:3]], *by_event(memlog, rest),
+            f"- the store gave way to the measured rest (store.outside_allowance) in "
+            f"{sum(r['squeezed'] > 0 for r in memlog)} of {len(memlog)} samples, by at most "
+            f"{max(r['squeezed'] for r in memlog) / gb:.2f} GB"]
+
+
+def by_event(memlog: list[dict], rest: list[int]) -> list[str]:
+    """The rest's median and max over the samples where each endpoint was running (Gradio's queue)."""
+    seen = defaultdict(list)
+    for r, x in zip(memlog, rest):
+        for name in set((r.get("events") or "none").split("+")):
+            seen[name].append(x)
+    if set(seen) <= {"none"}:
+        return []
+    gb = 2 ** 30
+    return ["- the rest while each endpoint ran (samples, median, max GB): " + ", ".join(
+        f"{name} {len(xs)}, {np.median(xs) / gb:.2f}, {max(xs) / gb:.2f}"
+        for name, xs in sorted(seen.items(), key=lambda kv: -max(kv[1])))]
 
 
 def window_growth(samples, window_min: float) -> tuple[float, float, float]:

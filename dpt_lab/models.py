@@ -39,6 +39,11 @@ ProgressFn = Callable[[float, str], Any]
 
 
 # -- the random model ----------------------------------------------------------------------
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def build_random_model(seed: int = 0, device=None):
     """Depth-Anything-V2-Small (ViT-S/14, 12 blocks, DPT decoder 64 features) with random
     weights: every tensor is seeded noise scaled by its fan-in (the same recipe for every
@@ -213,6 +218,12 @@ class ModelManager:
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._models)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters of the models loaded now (the store's outside_allowance)."""
+        with self._lock:
+            models = list(self._models.values())
+        return sum(weight_bytes(m) for m in models)
 
     def get(self, name, progress: Optional[ProgressFn] = None):
         """The loaded model `name`, loading (and downloading) it once if needed. While the

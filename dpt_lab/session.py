@@ -44,7 +44,7 @@ from . import gpu
 # the choices offered by the tabs (torch-free: the page is built before torch loads)
 from .choices import COLORMAPS, FUSION_IDENTITY, FUSION_LABELS, FUSION_MAX, FUSION_MIN, FUSION_PRESETS  # noqa: F401
 from .errors import DPTLabError, SessionError, finite_number  # noqa: F401 - raised by the tabs' functions
-from .models import RANDOM_MODEL, ModelManager, ProgressFn, build_random_model, untrained_banner  # noqa: F401 - as before
+from .models import RANDOM_MODEL, ModelManager, ProgressFn, build_random_model, untrained_banner, weight_bytes  # noqa: F401 - as before
 from .store import DECODE_FACTOR, DEFAULT_CACHE_BYTES, Entry, FeatureStore  # noqa: F401 - the store's names, as before
 
 DEFAULT_SESSION = "default"
@@ -316,10 +316,6 @@ def _pixels(entry: Entry) -> int:
 # An export's peak beside the encode-like check: the traced graph, the ONNX model's copies of
 # the weights (serialised, then loaded by onnxruntime) (bench/memory_ops.py)
 EXPORT_WEIGHT_COPIES = 4
-
-
-def _weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _difference_image(diff: np.ndarray) -> tuple[np.ndarray, float]:
@@ -1024,7 +1020,7 @@ class Lab:
             progress(0.05, f"exporting {name} to ONNX and verifying it with onnxruntime")
         # tracing, the ONNX graph's copies of the weights and onnxruntime's check at base x base
         # (bench/memory_ops.py: ~5.5x the weights and an encode's working set at that size)
-        export_bytes = EXPORT_WEIGHT_COPIES * _weight_bytes(model) + self.store.working_set(
+        export_bytes = EXPORT_WEIGHT_COPIES * weight_bytes(model) + self.store.working_set(
             name, (size or model.info.base_size) ** 2)
         with self.store.reserve(export_bytes, "export"):
             return _export(model, folder / f"{stem}.onnx", dynamic=bool(dynamic), fp16=bool(fp16),

@@ -24,6 +24,14 @@ store still leaves no room, a reservation waits (up to RESERVE_WAIT_S) for the w
 flight to end. An entry that
 is evicted while a request still holds it stays alive until that request ends: it counts
 against the cap ("lingering", followed by a weak reference) until its last reference goes.
+
+What no estimate covers is measured: with `store.outside_allowance` set (a callable: the
+bytes the process may hold beyond what the store counts, e.g. the weights plus
+PROCESS_ALLOWANCE_BYTES; app.build_app sets it), every fit reads the process' RSS, and
+what the process holds past counted + allowance (allocator slack, a library's caches, a
+one-time import, output processing, work past its estimate) comes off the cap until it
+goes. `store.watch()` runs that fit every WATCH_S seconds on a thread of its own, so a
+spike between two requests is answered too.
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ ENDED_KEPT = 10_000          # closed sessions remembered (a few hundred kB)
 # bench/working_set.py: 2.5-2.6x for ViT-S on the wide inputs that cost the most, 3-3.8x
 # on small ones, where fixed costs weigh more but the bytes are few; 3x covers the large.
 WORKING_SET_FACTOR = 3.0
+# What the server process holds beyond its weights and what the store counts, before the store
+# gives way (outside_allowance): Python, torch and Gradio (~0.35 GiB at rest), the packed weight
+# copies, allocator slack. Soak of 8 sessions (bench/soak.py, ViT-S): median 0.42 GiB beyond the
+# weights, p99 1.0; 0.75 leaves a quarter GiB of the goal (weights + cap + 1 GiB) for what
+# happens between two fits.
+PROCESS_ALLOWANCE_BYTES = 768 << 20
+WATCH_S = 0.25               # store.watch(): how often the RSS is checked between requests
 # The decoder alone (fusion scaling, ablation's tail, the mask's first depth): its maps at
 # full resolution, about one entry's bytes per pixel (bench/memory_ops.py).
 DECODE_FACTOR = 1.0
@@ -187,6 +202,10 @@ class FeatureStore:
         self._work: dict[int, str] = {}              # what each reservation in flight is for
         self._room = threading.Condition(self._lock)  # signalled when a reservation ends
         self.waits = 0              # times a reservation waited for room
+        # bytes the process may hold beyond what the store counts (None: not measured; see the module doc)
+        self.outside_allowance: Optional[Callable[[], int]] = None
+        self.squeezed = 0           # what the last fit took off the cap: RSS past counted + allowance
+        self.squeezes = 0           # fits that took something off
 
     @property
     def nbytes(self) -> int:
@@ -296,7 +315,7 @@ class FeatureStore:
                 self.reserved += need
                 self._fit(self._key_of(keep))
                 others = self.reserved > need or self._lingering_bytes() > 0
-                if self._total() <= self.max_bytes or not others or time.monotonic() >= deadline:
+                if self._total() <= self.max_bytes - self.squeezed or not others or time.monotonic() >= deadline:
                     break
                 self.reserved -= need
                 self.waits += 1
@@ -324,7 +343,8 @@ class FeatureStore:
         (DPT_LAB_MEMLOG logs it beside the RSS: memory.start_log)."""
         with self._lock:
             return dict(kept=sum(e.nbytes for e in self._entries.values()), reserved=self.reserved,
-                        lingering=self._lingering_bytes(), work="+".join(sorted(self._work.values())))
+                        lingering=self._lingering_bytes(), work="+".join(sorted(self._work.values())),
+                        squeezed=self.squeezed)
 
     @contextmanager
     def using(self, entry: Entry):
@@ -349,11 +369,42 @@ class FeatureStore:
             self._evict(newest)
             self.too_large += 1
         total = self._total()
+        limit = self.max_bytes - self._squeeze(total)
         for k in list(self._entries):
-            if total <= self.max_bytes:
+            if total <= limit:
                 break
             if k != newest:
                 total -= self._evict(k)
+
+    def _squeeze(self, counted: int) -> int:
+        """What the process holds past `counted` + outside_allowance() (0 when not measured):
+        the fit's cap comes down by it. Freed memory goes back to the OS first, so that memory
+        already let go (an entry evicted a moment ago) is not taken off twice. Holds the lock."""
+        if self.outside_allowance is None:
+            return 0
+        from . import memory
+
+        over = memory.rss_bytes() - counted - int(self.outside_allowance())
+        if over > 0:
+            memory.release()
+            over = memory.rss_bytes() - counted - int(self.outside_allowance())
+            self.squeezes += over > 0
+        self.squeezed = max(0, over)
+        return self.squeezed
+
+    def watch(self, every_s: float = WATCH_S) -> threading.Thread:
+        """Fit every `every_s` seconds on a daemon thread (with outside_allowance set): the store
+        gives way to a spike of the process' memory between requests too."""
+        def run():
+            while True:
+                time.sleep(every_s)
+                with self._room:
+                    self._fit(None)
+                    self._room.notify_all()
+
+        thread = threading.Thread(target=run, name="dpt-lab-store-watch", daemon=True)
+        thread.start()
+        return thread
 
     def drop(self, session: str) -> int:
         """Forget a session's entries (its tab was closed); returns how many."""

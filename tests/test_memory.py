@@ -120,8 +120,8 @@ def test_the_memory_log_writes_rss_beside_the_stores_accounting(tmp_path):
     seen.append(memory.rss_bytes())
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert rows and set(rows[0]) == {"time", "rss", "kept", "reserved", "lingering", "work"}
+    assert rows and set(rows[0]) == {"time", "rss", "kept", "reserved", "lingering", "work", "squeezed"}
     first = rows[0]
     assert 0.9 * min(seen) <= int(first["rss"]) <= 1.1 * max(seen)
     assert (first["kept"], first["reserved"], first["lingering"], first["work"]) == ("0", "123456", "0", "export")
-    assert store.accounting() == dict(kept=0, reserved=0, lingering=0, work="")
+    assert store.accounting() == dict(kept=0, reserved=0, lingering=0, work="", squeezed=0)

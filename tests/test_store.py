@@ -222,7 +222,7 @@ def test_a_reservation_waits_for_room_while_other_work_holds_it():
         assert st.accounting()["work"] == "export"
     assert entered.wait(10)                                  # the export ended: room
     worker.join()
-    assert seen == [dict(kept=0, reserved=500, lingering=0, work="encode")]
+    assert seen == [dict(kept=0, reserved=500, lingering=0, work="encode", squeezed=0)]
     with st.reserve(5000):                                   # alone, past the cap: nothing to wait for
         assert st.reserved == 5000
     with st.reserve(800):
@@ -336,3 +336,45 @@ def test_a_closed_session_keeps_nothing_from_late_work(lab):
     assert len(lab.store.entries("new")) == 1
     lab.depth_view("gone", st, picture(30), S.RANDOM_MODEL, BASE)         # the page came back and encodes:
     assert len(lab.store.entries("gone")) == 1 and not lab.store.ended("gone")   # kept again
+
+
+def bytes_entry(n: int) -> store.Entry:
+    """An entry that keeps `n` bytes alive (a buffer), nothing else."""
+    probe = types.SimpleNamespace(features=None)
+    return store.Entry(key=(n,), model_name="m", info=None, meta=None, x=None, probe=probe, depth=None,
+                       depth_image=np.zeros(n, np.uint8))
+
+
+def test_the_store_gives_way_to_what_the_process_holds_past_its_allowance(monkeypatch):
+    """With outside_allowance set, the RSS beyond what the store counts plus that allowance
+    comes off the cap at every fit (after the free pages go back to the OS), and the cap is
+    whole again once the process is back under it; watch() does it between requests too."""
+    import time
+
+    from dpt_lab import memory
+
+    rss, trims = {"outside": 0}, []
+    st = store.FeatureStore(max_bytes=1000)
+    # the process: the entries it keeps, plus the rest (read under the store's lock, as fits do)
+    monkeypatch.setattr(memory, "rss_bytes", lambda: sum(e.nbytes for e in st._entries.values()) + rss["outside"])
+    monkeypatch.setattr(memory, "release", lambda: trims.append(1))
+    for i in range(4):
+        st.get_or_compute(f"s{i}", ("k",), lambda: bytes_entry(200))
+    assert st.nbytes == 800 and st.squeezed == 0                # not measured: the cap alone
+    st.outside_allowance = lambda: 500
+    rss["outside"] = 500                                         # within the allowance: nothing given
+    st.get_or_compute("s4", ("k",), lambda: bytes_entry(200))
+    assert st.nbytes == 1000 and st.squeezed == 0 and not trims
+    rss["outside"] = 850                                         # 350 past it: the cap is 650 now
+    st.get_or_compute("s5", ("k",), lambda: bytes_entry(200))
+    assert trims and st.squeezed == 350 and st.squeezes == 1
+    assert st.nbytes == 600 and st.sessions() == {"s3", "s4", "s5"}     # least recently used first
+    rss["outside"] = 500
+    with st.reserve(400):                                        # back within it: the whole cap
+        assert st.squeezed == 0 and st.nbytes == 600
+    rss["outside"] = 1100                                        # a spike between requests
+    st.watch(every_s=0.02)
+    deadline = time.monotonic() + 10
+    while st.nbytes > 400 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert st.nbytes == 400 and st.squeezed == 600 and st.accounting()["squeezed"] == 600
