@@ -25,7 +25,7 @@ from dpt_lab import (
 )
 from dpt_lab import session as S  # light: torch loads on first use, after the page is up
 from dpt_lab.errors import DPTLabError, one_line
-from dpt_lab.store import PROCESS_ALLOWANCE_BYTES
+from dpt_lab.store import PROCESS_ALLOWANCE_BYTES, WATCH_S
 from dpt_lab.ui import (
     ablation,
     attention,
@@ -40,7 +40,7 @@ from dpt_lab.ui import (
     scene3d,
     video,
 )
-from dpt_lab.ui.base import Context, page_script, sid, wire_refreshes
+from dpt_lab.ui.base import TAB_ELEM_PREFIX, Context, page_script, sid, wire_refreshes
 
 # the page's tabs, in order
 TABS = (depth, attention, rollout, features, norms, ablation, fusion, mask, scene3d, video, export)
@@ -78,7 +78,7 @@ def build_app(manager: S.ModelManager, lab: S.Lab | None = None) -> gr.Blocks:
         tabs = []
         with gr.Tabs():
             for module in TABS:
-                with gr.Tab(module.TITLE, id=module.ID) as ui:
+                with gr.Tab(module.TITLE, id=module.ID, elem_id=f"{TAB_ELEM_PREFIX}{module.ID}") as ui:
                     ctx.add_banner()
                     tabs.append((module.ID, ui, module.build(ctx)))
         ctx.finish()
@@ -175,12 +175,17 @@ def main(argv=None) -> int:
     if manager.untrained:
         print("dpt-lab: WARNING: " + manager.banner().replace("**", "").replace("`", ""), flush=True)
     demo = build_app(manager)
-    print(f"dpt-lab: {memory.state().line()}", flush=True)
     # the server only (not build_app: a test process' RSS is not the app's): past its weights and
-    # an allowance, the process' measured memory comes off the store's cap (store.outside_allowance)
+    # an allowance, the process' measured memory comes off the store's cap (store.outside_allowance).
+    # Only with the allocator tuned: without malloc_trim, memory freed stays resident and the
+    # store would give way to it until it is empty.
     store = demo.dpt_lab.store
-    store.outside_allowance = lambda: manager.weight_bytes() + PROCESS_ALLOWANCE_BYTES
-    store.watch()
+    if memory.state().mode == "tuned":
+        store.outside_allowance = lambda: manager.weight_bytes() + PROCESS_ALLOWANCE_BYTES
+        store.watch()
+        print(f"dpt-lab: feature store: cap {store.max_bytes / 2**30:.2f} GiB, giving way to the process' RSS "
+              f"past its weights + {PROCESS_ALLOWANCE_BYTES / 2**30:.2f} GiB (checked every {WATCH_S} s)", flush=True)
+    print(f"dpt-lab: {memory.state().line()}", flush=True)
     if os.environ.get("DPT_LAB_MEMLOG"):      # a CSV of RSS beside the store's accounting (bench/soak.py)
         memory.start_log(os.environ["DPT_LAB_MEMLOG"],
                          lambda: dict(demo.dpt_lab.store.accounting(), events=events_in_flight(demo)))

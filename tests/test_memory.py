@@ -92,6 +92,8 @@ def test_the_server_process_runs_with_the_tuned_allocator(tmp_path):
     assert said, "".join(lines)[-2000:]
     assert f"M_ARENA_MAX={memory.ARENA_MAX}" in said[0] and "malloc_trim after every request" in said[0]
     assert said[0].rstrip().endswith("; in force")
+    store_line = [ln for ln in lines if "feature store" in ln]      # the store measures the process too
+    assert store_line and "giving way to the process' RSS past its weights + 0.75 GiB" in store_line[0], lines
 
 
 def test_configure_checks_its_mode():

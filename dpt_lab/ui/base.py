@@ -148,6 +148,7 @@ HOVER_MS = 40       # at most one pointer position per 40 ms goes to the server 
 # event is not used: it fires on "click", which the browser drops when the <img> is swapped for
 # the next picture between the press and the release (a burst of clicks lost its last one that
 # way), and a deferred select re-runs with its first event's data.
+TAB_ELEM_PREFIX = "dpt-tab-"      # a tab's elem_id: this + its ID (the page's script finds tab buttons by it)
 PICK_JS = """
 const dptPick = (ev, hover) => {
   if (!(ev.target instanceof Element)) return;
@@ -168,9 +169,11 @@ const dptPick = (ev, hover) => {
     if (x < 0 || y < 0 || x >= img.naturalWidth || y >= img.naturalHeight) return;
     const write = () => {
       window.dptLabClicks = (window.dptLabClicks || 0) + 1;
-      field.value = `${x},${y},${window.dptLabClicks}`;
-      field.dispatchEvent(new Event("input", {bubbles: true}));
-      if (quickTab) window.dptQuick(quickTab, {x, y});
+      const value = `${x},${y},${window.dptLabClicks}`;
+      // the click's Gradio event goes once the quick path's pictures are drawn: on two cores the two
+      // would slow each other down (and the event's outputs are the same pictures, from the memo)
+      const fire = () => { field.value = value; field.dispatchEvent(new Event("input", {bubbles: true})); };
+      if (!quickTab || !window.dptQuick(quickTab, {x, y}, fire)) fire();
     };
     if (!hover) { write(); return; }
     const st = ((window.dptHover = window.dptHover || {})[boxId] = window.dptHover[boxId] || {t: 0, timer: 0});
@@ -183,47 +186,76 @@ const dptPick = (ev, hover) => {
 };
 document.addEventListener("pointerdown", (ev) => { if (ev.button === 0) dptPick(ev, false); }, true);
 document.addEventListener("pointermove", (ev) => { if (ev.buttons === 0) dptPick(ev, true); }, true);
-// The quick path (ui/quick.py): the tab's pictures straight from QUICK_ROUTE while the Gradio event
-// runs. One request per tab at a time; a newer one waits and goes when it returns (the last always
-// does). An answer is set only on an <img> that nothing else changed since the request left (a
-// Gradio output that came meanwhile is newer and stays).
-window.dptQuick = (tab, params) => {
+// The quick path (ui/quick.py): the tab's pictures straight from QUICK_ROUTE. One request per tab at a
+// time; a newer one waits and goes when it returns (the last always does). An answer is set only on an
+// <img> that nothing else changed since the request left (a Gradio output that came meanwhile is newer
+// and stays), or on one mounted since (a tab that was opening). `after` (a click's or a slider's Gradio
+// event) runs once the latest request's pictures are decoded, or after QUICK_WAIT_MS at the latest;
+// dptQuick returns whether it will run it.
+const QUICK_WAIT_MS = 500, MOUNT_WAIT_MS = 1500;
+const quickDone = (q) => { const after = q.after; q.after = null; clearTimeout(q.timer); if (after) after(); };
+window.dptQuick = (tab, params, after) => {
   const session = document.querySelector(`#${SESSION_FIELD} textarea, #${SESSION_FIELD} input`);
-  if (!session || !session.value) return;
+  if (!session || !session.value) return false;
   const q = ((window.dptQuickState = window.dptQuickState || {})[tab] =
-             window.dptQuickState[tab] || {busy: false, next: null, shown: {}});
-  q.next = params || {};
-  if (q.busy) return;
+             window.dptQuickState[tab] || {busy: false, next: null, shown: {}, after: null, timer: 0, opened: -1e9});
+  params = params || {};
+  if (!Object.keys(params).length) {       // a tab's opening: asked at the pointer, then at Gradio's select
+    if (performance.now() - q.opened < 1000) return false;
+    q.opened = performance.now();
+  }
+  q.next = params;
+  if (after) {
+    q.after = after;
+    clearTimeout(q.timer);
+    q.timer = setTimeout(() => quickDone(q), QUICK_WAIT_MS);
+  }
+  if (q.busy) return true;
   const send = () => {
     const query = new URLSearchParams({...q.next, tab, session: session.value});
     q.next = null;
     q.busy = true;
-    const before = {};
-    document.querySelectorAll(`[id^="${tab}-"] img`).forEach((img) => { before[img.src] = 1; });
+    const sentAt = performance.now(), before = {}, present = new Set();
+    document.querySelectorAll(`[id^="${tab}-"] img`).forEach((img) => { before[img.src] = 1; present.add(img); });
+    const put = (id, url) => new Promise((done) => {
+      const look = () => {
+        const img = document.querySelector(`#${id} img`);
+        if (!img) {                        // the tab is still mounting: look again soon
+          if (performance.now() - sentAt < MOUNT_WAIT_MS) setTimeout(look, 16); else done();
+          return;
+        }
+        if (present.has(img) && !before[img.src] && img.src !== q.shown[id]) { done(); return; }
+        img.src = url;
+        q.shown[id] = url;
+        img.decode().catch(() => {}).then(done);
+      };
+      look();
+    });
     fetch(`${QUICK_ROUTE}?${query}`, {cache: "no-store"})
       .then((r) => (r.status === 200 ? r.json() : null))
-      .then((pictures) => {
-        for (const [id, url] of Object.entries(pictures || {})) {
-          const img = document.querySelector(`#${id} img`);
-          if (img && (before[img.src] || img.src === q.shown[id])) { img.src = url; q.shown[id] = url; }
-        }
-      })
+      .then((pictures) => Promise.all(Object.entries(pictures || {}).map(([id, url]) => put(id, url))))
       .catch(() => {})
       .finally(() => {
         q.busy = false;
-        if (q.next) { send(); return; }
-        // a slider moved without a pointer on it (keys, a typed or scripted value): let go of it for
-        // Gradio, whose release event then sets every output from the decode just made; a pointer
-        // drag gets its release from the pointer itself
-        if (q.slider && !window.dptPointerDown) {
-          const range = document.querySelector(`#${q.slider} input[type=range]`);
-          if (range) range.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
-        }
-        q.slider = null;
+        if (q.next) send(); else quickDone(q);
       });
   };
   send();
+  return true;
 };
+// resolves once the tab's quick requests are answered and drawn (QUICK_WAIT_MS at the latest): a tab's
+// select event waits for it, so that its Gradio refresh does not share the cores with the quick answer
+window.dptQuickIdle = (tab) => new Promise((resolve) => {
+  const q = (window.dptQuickState || {})[tab], t0 = performance.now();
+  const look = () => (!q || !q.busy || performance.now() - t0 > QUICK_WAIT_MS ? resolve() : setTimeout(look, 8));
+  look();
+});
+// a tab's opening asks at the pointer, while Gradio mounts the tab (its select event comes after that)
+document.addEventListener("pointerdown", (ev) => {
+  const button = ev.target instanceof Element ? ev.target.closest(`button[aria-controls^="${TAB_PREFIX}"]`) : null;
+  if (button && ev.button === 0 && button.getAttribute("aria-selected") !== "true")
+    window.dptQuick(button.getAttribute("aria-controls").slice(TAB_PREFIX.length), {});
+}, true);
 document.addEventListener("pointerdown", () => { window.dptPointerDown = true; }, true);
 document.addEventListener("pointerup", (ev) => { if (ev.isTrusted) window.dptPointerDown = false; }, true);
 for (const [tab, ids] of Object.entries(QUICK_SLIDERS)) {
@@ -236,8 +268,15 @@ for (const [tab, ids] of Object.entries(QUICK_SLIDERS)) {
       const box = ev.target.closest("#" + id) ? ev.target : document.querySelector(`#${id} input[type=range]`);
       if (box && box.value !== undefined) params[id] = box.value;
     }
-    window.dptQuick(tab, params);
-    window.dptQuickState[tab].slider = ids.find((id) => ev.target.closest("#" + id));
+    // a slider moved without a pointer on it (keys, a typed or scripted value) is let go of for Gradio
+    // once its picture is drawn: the release event then sets every output from the decode just made.
+    // A pointer drag gets its release from the pointer itself.
+    const moved = ids.find((id) => ev.target.closest("#" + id));
+    const range = document.querySelector(`#${moved} input[type=range]`);
+    const release = () => {
+      if (range && !window.dptPointerDown) range.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
+    };
+    if (!window.dptQuick(tab, params, release)) release();
   }, true);
 }
 """
@@ -252,7 +291,8 @@ def page_script(pickers, quick_sliders: Optional[dict] = None) -> str:
     rows = [list(p) + [None] * (4 - len(p)) for p in pickers]
     return ("() => {const PICKERS = " + json.dumps(rows) + f"; const HOVER_MS = {HOVER_MS}; "
             f"const QUICK_ROUTE = {json.dumps(QUICK_ROUTE)}; const SESSION_FIELD = {json.dumps(SESSION_FIELD)}; "
-            f"const QUICK_SLIDERS = {json.dumps(quick_sliders or {})};" + PICK_JS + "}")
+            f"const QUICK_SLIDERS = {json.dumps(quick_sliders or {})}; const TAB_PREFIX = {json.dumps(TAB_ELEM_PREFIX)};"
+            + PICK_JS + "}")
 
 
 def pick_field(picker) -> gr.Textbox:
@@ -380,8 +420,9 @@ def wire_refreshes(ctx: Context, tabs: list[tuple[str, Any, Tab]]) -> None:
         synced.success(refresh_visible, [active_tab, ctx.state, *all_inputs], all_outputs, api_visibility="private",
                        **MODEL_EVENT)
     for tab_id, ui, tab in tabs:
-        ask = f"window.dptQuick && window.dptQuick({tab_id!r}, {{}}); " if tab.quick else ""
-        opened = ui.select(None, None, active_tab, js=f"() => {{ {ask}return {tab_id!r}; }}",
+        ask = (f"if (window.dptQuick) {{ window.dptQuick({tab_id!r}, {{}}); await window.dptQuickIdle({tab_id!r}); }} "
+               if tab.quick else "")
+        opened = ui.select(None, None, active_tab, js=f"async () => {{ {ask}return {tab_id!r}; }}",
                            api_visibility="private", queue=False)
         if tab.refresh:           # opening a tab renders that tab only
             opened.then(_tab_refresh(render_if_stale, tab_id, tab), [active_tab, ctx.state, *tab.inputs],
