@@ -107,12 +107,18 @@ class Log:
             self.rows.append((endpoint, start - self.t0, time.perf_counter() - start, err))
 
 
+CLIENT_TIMEOUT_S = 120
+
+
 def session_loop(i: int, url: str, pics, base: int, log: Log, stop_at: float, export_every: float,
                  downloads: Path, clip: Path, video_every: float) -> None:
     from gradio_client import Client, handle_file
 
     rng = random.Random(1000 + i)
-    client = Client(url, verbose=False, download_files=str(downloads / f"s{i}"))
+    # a patient user: gradio_client's httpx calls (joining the queue, fetching an output file) time
+    # out after 5 s by default, which a 2-core server busy with 8 sessions can take to answer
+    client = Client(url, verbose=False, download_files=str(downloads / f"s{i}"),
+                    httpx_kwargs={"timeout": CLIENT_TIMEOUT_S})
     call = client.predict
     next_export = time.perf_counter() + (export_every / 2 if export_every else float("inf"))
     next_video = time.perf_counter() + (video_every / 3 if video_every else float("inf"))

@@ -190,11 +190,11 @@ document.addEventListener("pointermove", (ev) => { if (ev.buttons === 0) dptPick
 // time; a newer one waits and goes when it returns (the last always does). An answer is set only on an
 // <img> that nothing else changed since the request left (a Gradio output that came meanwhile is newer
 // and stays), or on one mounted since (a tab that was opening). `after` (a click's or a slider's Gradio
-// event) runs once the latest request's pictures are decoded, or after QUICK_WAIT_MS at the latest;
-// dptQuick returns whether it will run it.
-const QUICK_WAIT_MS = 500, MOUNT_WAIT_MS = 1500;
+// event) runs once the latest request's pictures are decoded, or after `waitMs` (default QUICK_WAIT_MS)
+// at the latest; dptQuick returns whether it will run it.
+const QUICK_WAIT_MS = 500, SLIDER_WAIT_MS = 5000, MOUNT_WAIT_MS = 1500;
 const quickDone = (q) => { const after = q.after; q.after = null; clearTimeout(q.timer); if (after) after(); };
-window.dptQuick = (tab, params, after) => {
+window.dptQuick = (tab, params, after, waitMs) => {
   const session = document.querySelector(`#${SESSION_FIELD} textarea, #${SESSION_FIELD} input`);
   if (!session || !session.value) return false;
   const q = ((window.dptQuickState = window.dptQuickState || {})[tab] =
@@ -208,7 +208,7 @@ window.dptQuick = (tab, params, after) => {
   if (after) {
     q.after = after;
     clearTimeout(q.timer);
-    q.timer = setTimeout(() => quickDone(q), QUICK_WAIT_MS);
+    q.timer = setTimeout(() => quickDone(q), waitMs || QUICK_WAIT_MS);
   }
   if (q.busy) return true;
   const send = () => {
@@ -276,7 +276,8 @@ for (const [tab, ids] of Object.entries(QUICK_SLIDERS)) {
     const release = () => {
       if (range && !window.dptPointerDown) range.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
     };
-    if (!window.dptQuick(tab, params, release)) release();
+    // (a decode takes longer than a click's view: its Gradio event would only wait for the same decode)
+    if (!window.dptQuick(tab, params, release, SLIDER_WAIT_MS)) release();
   }, true);
 }
 """
