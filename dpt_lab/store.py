@@ -27,7 +27,7 @@ against the cap ("lingering", followed by a weak reference) until its last refer
 
 What no estimate covers is measured: with `store.outside_allowance` set (a callable: the
 bytes the process may hold beyond what the store counts, e.g. the weights plus
-PROCESS_ALLOWANCE_BYTES; app.build_app sets it), every fit reads the process' RSS, and
+PROCESS_ALLOWANCE_BYTES; app.main sets it for the server), every fit reads the process' RSS, and
 what the process holds past counted + allowance (allocator slack, a library's caches, a
 one-time import, output processing, work past its estimate) comes off the cap until it
 goes. `store.watch()` runs that fit every WATCH_S seconds on a thread of its own, so a
@@ -384,10 +384,11 @@ class FeatureStore:
             return 0
         from . import memory
 
-        over = memory.rss_bytes() - counted - int(self.outside_allowance())
+        allowed = counted + int(self.outside_allowance())
+        over = memory.rss_bytes() - allowed
         if over > 0:
             memory.release()
-            over = memory.rss_bytes() - counted - int(self.outside_allowance())
+            over = memory.rss_bytes() - allowed
             self.squeezes += over > 0
         self.squeezed = max(0, over)
         return self.squeezed
