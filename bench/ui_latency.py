@@ -36,6 +36,11 @@ the route's: `to server` until the route started, `handler` its whole answer (th
 its JPEG), `gradio` 0, `to browser` until the response's end (resource timing), `draw`; the
 last column counts how many of an interaction's repetitions the quick path showed.
 
+`Shown` is the first animation frame that draws the new, decoded picture, taken once that
+frame's rendering is done; the watch is armed in the page before the action, so Playwright's
+own round trips after the action do not delay it (until stop 31 the watch started after the
+action and took one more frame: ~15-40 ms later on this machine, BENCHMARKS.md).
+
 Each interaction starts once the page has settled (the picture it watches unchanged for
 0.5 s): an action's quick-path picture and then its Gradio event's output both change the
 <img>, so without it the next action would be timed by the previous one's late output.
@@ -69,27 +74,53 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 GOALS = {"upload": "<= 1.3x predict", "attention_tab": "<= 250 ms", "click": "<= 80 ms median",
          "norms_tab": "<= 600 ms", "fusion": "<= 200 ms median"}
 
-# Resolves with {shown, arrived} (Date.now() ms) once the <img> under `sel` has a src other
-# than `old`, is loaded and decoded; `arrived` is the file's responseEnd (resource timing).
-WAIT_IMG = """async ([sel, old]) => {
+# Armed before the action (so that the watch does not start late, after Playwright's round trips):
+# window.__dptWait resolves with {shown, arrived} (Date.now() ms) at the first animation frame in
+# which the <img> under `sel` has a src other than `old`, is loaded and decoded: `shown` is taken
+# once that frame's rendering is done (a task posted from its requestAnimationFrame callback runs
+# after it), `arrived` is the file's responseEnd (resource timing).
+WAIT_IMG = """([sel, old]) => { window.__dptWait = (async () => {
   const QUICK_ROUTE = "/dpt_lab/quick";
   const pick = () => { const all = document.querySelectorAll(sel + ' img');
                        return all.length ? all[all.length - 1] : null; };
+  let asked = null, decoded = false;
   for (;;) {
-    const img = pick();
-    if (img && img.src && img.src !== old && img.complete && img.naturalWidth > 0) {
-      await img.decode().catch(() => {});
-      await new Promise(r => requestAnimationFrame(() => r()));
-      const shown = Date.now();
-      const quick = img.src.startsWith("data:");      // set by the quick path (ui/quick.py) from its route's answer
-      const res = quick ? performance.getEntriesByType("resource").filter(e => e.name.includes(QUICK_ROUTE)).pop()
-                        : performance.getEntriesByName(img.src).pop();
-      const arrived = res ? performance.timeOrigin + res.responseEnd : shown;
-      return {shown, arrived, quick, src: img.src};
-    }
     await new Promise(r => requestAnimationFrame(() => r()));
+    const img = pick();
+    if (!(img && img.src && img.src !== old && img.complete && img.naturalWidth > 0)) continue;
+    if (asked !== img.src) {                     // a picture still decoding is drawn in a later frame
+      asked = img.src; decoded = false;
+      const src = img.src;
+      img.decode().catch(() => {}).then(() => { if (asked === src) decoded = true; });
+      await Promise.resolve();
+    }
+    if (!decoded) continue;
+    const shown = await new Promise(r => setTimeout(() => r(Date.now()), 0));
+    const quick = img.src.startsWith("data:");      // set by the quick path (ui/quick.py) from its route's answer
+    const res = quick ? performance.getEntriesByType("resource").filter(e => e.name.includes(QUICK_ROUTE)).pop()
+                      : performance.getEntriesByName(img.src).pop();
+    const arrived = res ? performance.timeOrigin + res.responseEnd : shown;
+    return {shown, arrived, quick, src: img.src};
   }
-}"""
+})(); }"""
+# The same for a text field's value (Gradio's floor): the frame that shows the new text.
+WAIT_TEXT = """([sel, old]) => { window.__dptWait = (async () => {
+  for (;;) {
+    await new Promise(r => requestAnimationFrame(() => r()));
+    if (document.querySelector(sel).value !== old) return await new Promise(r => setTimeout(() => r(Date.now()), 0));
+  }
+})(); }"""
+WAITED = "() => window.__dptWait"
+
+
+def wait_img(page, sel: str, old, action) -> tuple[float, dict]:
+    """Arm the watch of the <img> under `sel`, run `action()`: (the page's Date.now() just
+    before the action, the WAIT_IMG timing of the new picture)."""
+    page.evaluate(WAIT_IMG, [sel, old])
+    t0 = page.evaluate("Date.now()")
+    action()
+    return t0, page.evaluate(WAITED)
+
 
 # Resolves once the <img> under `sel` has kept its src for `quiet` ms: the interaction before is over
 # (the quick path's picture and then its Gradio event's both shown), so the next one's first new
@@ -285,9 +316,8 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     page.get_by_role("tab", name="Depth", exact=True).click()
     old = page.evaluate("() => { const a = document.querySelectorAll('#depth-output img'); "
                         "return a.length ? a[a.length - 1].src : null; }")
-    t0 = now()
-    page.set_input_files("#depth-input input[type=file]", str(pic))
-    timing = page.evaluate(WAIT_IMG, ["#depth-output", old])
+    t0, timing = wait_img(page, "#depth-output", old,
+                          lambda: page.set_input_files("#depth-input input[type=file]", str(pic)))
     page.wait_for_function("(t) => document.querySelector('#depth-info').innerText.includes(t)", arg="600x400")
     ref = None
     if results is not None:
@@ -309,9 +339,8 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
 
     # 2. open the Attention tab -> tiles shown
     old = page.evaluate("() => { const e = document.querySelector('#attention-tiles img'); return e ? e.src : null; }")
-    t0 = now()
-    page.get_by_role("tab", name="Attention", exact=True).click()
-    timing = page.evaluate(WAIT_IMG, ["#attention-tiles", old])
+    t0, timing = wait_img(page, "#attention-tiles", old,
+                          lambda: page.get_by_role("tab", name="Attention", exact=True).click())
     timing["src"] = page.evaluate(SETTLE, ["#attention-tiles", SETTLE_MS])
     record("attention_tab", t0, timing,
            ref_of(lambda: lab.attention_at(sess, dict(state), None, None, 12, "row", False, False, "inferno", 0.0,
@@ -324,9 +353,8 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
     for _ in range(1 if warm else args.clicks):
         fx, fy = rng.uniform(0.05, 0.95, 2)
         old = timing["src"]
-        t0 = now()
-        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
-        timing = page.evaluate(WAIT_IMG, ["#attention-tiles", old])
+        t0, timing = wait_img(page, "#attention-tiles", old,
+                              lambda: page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"]))
         timing["src"] = page.evaluate(SETTLE, ["#attention-tiles", SETTLE_MS])
         record("click", t0, timing,
                ref_of(lambda: lab.attention_at(sess, dict(state), fx * 600, fy * 400, 12, "row", False, False,
@@ -343,16 +371,15 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
 
     # 5. fusion slider -> scaled depth shown
     old = page.evaluate("() => { const e = document.querySelector('#fusion-scaled img'); return e ? e.src : null; }")
-    page.get_by_role("tab", name="Fusion scaling", exact=True).click()
-    timing = page.evaluate(WAIT_IMG, ["#fusion-scaled", old])
+    _, timing = wait_img(page, "#fusion-scaled", old,
+                         lambda: page.get_by_role("tab", name="Fusion scaling", exact=True).click())
     timing["src"] = page.evaluate(SETTLE, ["#fusion-scaled", SETTLE_MS])
     entry = lab.store.entries(sess)[-1]
     values = np.linspace(0.9, -1.5, 2 if warm else args.drags)
     for v in values:
         old = timing["src"]
-        t0 = now()
-        page.locator("#fusion-scale-2 input[type=range]").fill(f"{v:.2f}")
-        timing = page.evaluate(WAIT_IMG, ["#fusion-scaled", old])
+        t0, timing = wait_img(page, "#fusion-scaled", old,
+                              lambda: page.locator("#fusion-scale-2 input[type=range]").fill(f"{v:.2f}"))
         timing["src"] = page.evaluate(SETTLE, ["#fusion-scaled", SETTLE_MS])
         if results is not None:
             with torch.inference_mode():
@@ -440,13 +467,16 @@ def gradio_floor(browser, tmp: Path, n: int = 15) -> dict[str, list[float]]:
             for i in range(n + 2):
                 old = (page.locator(done).input_value() if done else
                        page.evaluate("() => { const e = document.querySelector('#im img'); return e ? e.src : null; }"))
-                t0 = page.evaluate("Date.now()")
-                page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                def click():
+                    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
                 if done:
-                    page.wait_for_function("([s, o]) => document.querySelector(s).value !== o", arg=[done, old])
-                    shown = page.evaluate("Date.now()")
+                    page.evaluate(WAIT_TEXT, [done, old])
+                    t0 = page.evaluate("Date.now()")
+                    click()
+                    shown = page.evaluate(WAITED)
                 else:
-                    shown = page.evaluate(WAIT_IMG, ["#im", old])["shown"]
+                    t0, timing = wait_img(page, "#im", old, click)
+                    shown = timing["shown"]
                 if i >= 2:                                   # the first two warm up
                     out[key].append(shown - t0)
         page.close()

@@ -108,6 +108,32 @@ class Entry:
         return measure((self, self.feats))
 
 
+_later = threading.local()
+
+
+@contextmanager
+def measured_later():
+    """In this thread, `FeatureStore.using` only notes the entries it would measure; the block
+    yields that list of (store, entry), for `remeasure_all` once the caller has answered.
+    Why: walking an entry that holds figures takes ~5-10 ms, which a page's click would
+    otherwise wait for (dpt_lab/ui/quick.py measures after its response is sent)."""
+    outer = getattr(_later, "entries", None)
+    _later.entries = pending = []
+    try:
+        yield pending
+    finally:
+        _later.entries = outer
+
+
+def remeasure_all(pending) -> None:
+    """Measure what a `measured_later` block left, once per entry."""
+    done: set[int] = set()
+    for store, entry in pending:
+        if id(entry) not in done:
+            done.add(id(entry))
+            store.remeasure(entry)
+
+
 def _pixels(x) -> int:
     shape = getattr(x, "shape", ())
     return int(shape[-2]) * int(shape[-1]) if len(shape) >= 2 else 0
@@ -349,17 +375,26 @@ class FeatureStore:
     @contextmanager
     def using(self, entry: Entry):
         """Work on `entry` that may grow it (caches): it is measured again afterwards and
-        the store evicts others (or drops it, if it alone is past the cap) to fit."""
+        the store evicts others (or drops it, if it alone is past the cap) to fit. Inside
+        `measured_later()`, the measuring waits for that block's caller instead."""
         try:
             yield entry
         finally:
-            size = entry.measure()
-            with self._lock:
-                if size != entry.nbytes:
-                    entry.nbytes = size
-                    key = self._key_of(entry)
-                    if key is not None:
-                        self._fit(key)
+            pending = getattr(_later, "entries", None)
+            if pending is None:
+                self.remeasure(entry)
+            else:
+                pending.append((self, entry))
+
+    def remeasure(self, entry: Entry) -> None:
+        """Measure `entry` again and fit the store to its new size."""
+        size = entry.measure()
+        with self._lock:
+            if size != entry.nbytes:
+                entry.nbytes = size
+                key = self._key_of(entry)
+                if key is not None:
+                    self._fit(key)
 
     def _fit(self, newest: Optional[tuple]) -> None:
         """Evict least recently used entries (never `newest` while it fits alone) until the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -117,6 +118,21 @@ def test_a_similarity_click_gets_the_features_map(session):
     x, y = lab.display_to_image(st, 100, 50)
     want = lab.features_view(sess, dict(st), 9, "similarity", x, y, None, False, 3, 0.0, "gray")
     close_to(pixels(pictures["features-image"]), want.image)
+
+
+def test_what_a_view_adds_to_the_encode_is_measured_after_the_answer(session):
+    server, sess, st = session
+    (entry,) = server.lab.store.entries(sess)
+    quick.remember(st, "attention", layer=7, mode="column", log_contrast=False, shared_scale=False, cmap="inferno",
+                   alpha=0.0, cls=False)
+    before = entry.nbytes
+    assert 6 not in entry.probe._lse                                # layer 7's row normalisers: not made yet
+    assert ask(server, tab="attention", session=sess, x=60, y=60)[0] == 200
+    assert 6 in entry.probe._lse
+    deadline = time.monotonic() + 10
+    while entry.nbytes == before and time.monotonic() < deadline:   # measured once the answer is sent
+        time.sleep(0.02)
+    assert entry.nbytes == entry.measure() > before
 
 
 def test_what_it_cannot_answer_gets_nothing_and_the_server_keeps_serving(session):

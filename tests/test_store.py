@@ -85,6 +85,21 @@ def test_entry_bytes_are_what_it_keeps_alive(lab):
     assert lab.store.nbytes == entry.nbytes
 
 
+def test_inside_measured_later_the_caller_measures_when_it_has_answered(lab):
+    state, _ = lab.depth_view("s", None, picture(0), S.RANDOM_MODEL, BASE)
+    entry = lab.store.entries("s")[0]
+    before = entry.nbytes
+    with store.measured_later() as pending:
+        lab.attention_at("s", state, 10, 10, 3, "column")        # caches layer 3's row normalisers
+    assert entry.probe._lse and entry.nbytes == before            # grown, not measured yet
+    assert [e for _, e in pending] == [entry]
+    lab.attention_at("s", state, 10, 10, 3, "row")               # outside the block: measured at once
+    assert entry.nbytes == live_bytes([entry]) > before
+    entry.nbytes = before
+    store.remeasure_all(pending + pending)                        # once per entry
+    assert entry.nbytes == live_bytes([entry]) and lab.store.nbytes == entry.nbytes
+
+
 def test_measure_counts_views_once_and_skips_models():
     base = np.zeros((100, 100), np.float32)
     t = torch.zeros(1000)

@@ -193,7 +193,12 @@ document.addEventListener("pointermove", (ev) => { if (ev.buttons === 0) dptPick
 // event) runs once the latest request's pictures are decoded, or after `waitMs` (default QUICK_WAIT_MS)
 // at the latest; dptQuick returns whether it will run it.
 const QUICK_WAIT_MS = 500, SLIDER_WAIT_MS = 5000, MOUNT_WAIT_MS = 1500;
-const quickDone = (q) => { const after = q.after; q.after = null; clearTimeout(q.timer); if (after) after(); };
+// `after` goes once the frame that draws the pictures is rendered (a task posted from its animation
+// frame): Gradio's handling of an event takes the main thread for ~40 ms here, and would hold the frame back
+const quickDone = (q) => {
+  const after = q.after; q.after = null; clearTimeout(q.timer);
+  if (after) requestAnimationFrame(() => setTimeout(after, 0));
+};
 window.dptQuick = (tab, params, after, waitMs) => {
   const session = document.querySelector(`#${SESSION_FIELD} textarea, #${SESSION_FIELD} input`);
   if (!session || !session.value) return false;
@@ -247,7 +252,11 @@ window.dptQuick = (tab, params, after, waitMs) => {
 // select event waits for it, so that its Gradio refresh does not share the cores with the quick answer
 window.dptQuickIdle = (tab) => new Promise((resolve) => {
   const q = (window.dptQuickState || {})[tab], t0 = performance.now();
-  const look = () => (!q || !q.busy || performance.now() - t0 > QUICK_WAIT_MS ? resolve() : setTimeout(look, 8));
+  const look = () => {
+    if (!q || performance.now() - t0 > QUICK_WAIT_MS) resolve();
+    else if (!q.busy) requestAnimationFrame(() => setTimeout(resolve, 0));   // its pictures drawn first
+    else setTimeout(look, 8);
+  };
   look();
 });
 // a tab's opening asks at the pointer, while Gradio mounts the tab (its select event comes after that)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from fastapi import Request  # at module level: FastAPI reads the route's annotations from here
 
-from .. import memory
+from .. import memory, store
 from .. import session as S
 from .base import (  # noqa: F401 - app.py reads SESSION_FIELD here
     MODEL_CONCURRENCY,
@@ -82,8 +82,12 @@ def session_state(demo, state_component, session: str) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-def render(views: dict[str, Callable], demo, state_component, query: dict) -> Optional[dict[str, str]]:
-    """{element id: data URL} for one request's query (tab, session, ...), or None."""
+def render(views: dict[str, Callable], demo, state_component, query: dict, tidy: Optional[list] = None
+           ) -> Optional[dict[str, str]]:
+    """{element id: data URL} for one request's query (tab, session, ...), or None.
+
+    tidy: a list that gets what is left to do once the answer is sent (`tidy_up`): measuring
+    the entries the view may have grown, and giving freed memory back. None: done here."""
     start = time.time()
     query = dict(query)
     tab = query.pop("tab", "")
@@ -92,32 +96,45 @@ def render(views: dict[str, Callable], demo, state_component, query: dict) -> Op
     st = session_state(demo, state_component, session) if view else None
     if st is None or st.get("image") is None:
         return None
+    pending: list = []
     try:
-        with _model_slots, S.cached_only():        # never an encode: the Gradio event does that
+        with _model_slots, S.cached_only(), store.measured_later() as pending:   # never an encode here
             pictures = view(session, dict(st), query)
+        urls = {k: data_url(v) for k, v in (pictures or {}).items()} or None
     except Exception:        # noqa: BLE001 - the Gradio event that follows shows the error
-        return None
+        urls = None
+    if tidy is None:
+        tidy_up(pending)
+    else:
+        tidy.extend(pending)
+    if urls:
+        served.append((tab, start, time.time()))
+    return urls
+
+
+def tidy_up(pending: list) -> None:
+    """After an answer: measure the entries its view used (store.remeasure_all), release memory."""
+    try:
+        store.remeasure_all(pending)
     finally:
         memory.release()
-    if not pictures:
-        return None
-    urls = {k: data_url(v) for k, v in pictures.items()}
-    served.append((tab, start, time.time()))
-    return urls
 
 
 def mount(demo) -> None:
     """Add ROUTE to the launched app's server (demo.launch first): the views app.build_app
     collected from the tabs (demo.dpt_quick_views) over its gr.State (demo.dpt_state)."""
     from fastapi.responses import JSONResponse, Response
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
 
     views, state_component = demo.dpt_quick_views, demo.dpt_state
 
     async def quick(request: Request):
-        pictures = await run_in_threadpool(render, views, demo, state_component, dict(request.query_params))
+        tidy: list = []
+        pictures = await run_in_threadpool(render, views, demo, state_component, dict(request.query_params), tidy)
+        after = BackgroundTask(tidy_up, tidy)        # once the answer is sent: the page does not wait for it
         if not pictures:
-            return Response(status_code=204)
-        return JSONResponse(pictures, headers={"Cache-Control": "no-store"})
+            return Response(status_code=204, background=after)
+        return JSONResponse(pictures, headers={"Cache-Control": "no-store"}, background=after)
 
     demo.server_app.add_api_route(ROUTE, quick, methods=["GET"], include_in_schema=False)
