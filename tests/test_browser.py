@@ -650,3 +650,55 @@ def test_export_download_runs_in_onnxruntime(browser_page, tmp_path):
     np.testing.assert_allclose(depth, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
     shot(page, "export")
     assert not errors, errors
+
+
+# Last in the module: it leaves the session with a second encode.
+def test_a_tab_opened_after_a_new_encode_is_drawn_by_the_quick_path_first(browser_page, tmp_path):
+    """Opening a tab asks the quick route (base.PICK_JS: at the pointer on the tab button, and
+    at the tab's select event if that one has not answered yet):
+    after a new encode, the Attention tab's tiles first appear as the route's data URL, then
+    the tab's Gradio refresh sets its own file with the same picture: the new encode's tiles
+    at the last click, drawn with the tab's controls."""
+    from dpt_lab.ui import quick
+
+    page, server, errors = browser_page
+    lab = server.lab
+    sess = browser_session(server)
+    page.get_by_role("tab", name="Attention").click()
+    wait_text(page, "#attention-info", "patch row")
+    with Image.open(ASSET) as im:
+        flipped = np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, ::-1])
+    quick_seen = False
+    for attempt in range(2):                   # a loaded machine may answer Gradio first
+        picture = tmp_path / f"flipped{attempt}.png"
+        variant = flipped.copy()
+        variant[0, attempt] ^= 0xFF                                # a new picture: a new encode
+        Image.fromarray(variant).save(picture)
+        page.get_by_role("tab", name="Depth", exact=True).click()
+        old = src_of(page, "#depth-output", 0)
+        page.set_input_files("#depth-input input[type=file]", str(picture))
+        wait_src_change(page, "#depth-output", old)
+        settled_text(page, "#depth-info", "451x300 image")
+        page.evaluate("""() => { window.__tileSrcs = [];          // the previous encode's tiles are not news
+            const first = document.querySelector('#attention-tiles img'); let last = first ? first.src : null;
+            const record = () => { const e = document.querySelector('#attention-tiles img');
+                if (e && e.src !== last) { last = e.src; window.__tileSrcs.push(e.src.slice(0, 5)); } };
+            new MutationObserver(record).observe(document.body,
+                {subtree: true, childList: true, attributes: true, attributeFilter: ['src']}); }""")
+        page.get_by_role("tab", name="Attention").click()
+        page.wait_for_function("() => window.__tileSrcs.length > 0")
+        settled_text(page, "#attention-info", "patch row")
+        page.wait_for_timeout(1000)
+        srcs = page.evaluate("window.__tileSrcs.splice(0)")
+        assert srcs[-1] != "data:", srcs                             # Gradio's refresh came last
+        quick_seen = srcs[0] == "data:"
+        digest = lab.store.entries(sess)[-1].key[1]
+        st = dict(quick.session_state(server.demo, server.demo.dpt_state, sess))
+        assert st["hash"] == digest                                 # the page shows the newest encode
+        c = quick.controls(st, "attention")
+        want = lab.attention_at(sess, st, None, None, **c)          # the last click, on the new encode
+        assert_shown(img_pixels(page, "#attention-tiles"), want.tiles)
+        if quick_seen:
+            break
+    assert quick_seen, "the tab's opening never showed the quick path's tiles first"
+    assert not errors, errors
