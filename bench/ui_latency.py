@@ -113,13 +113,18 @@ WAIT_TEXT = """([sel, old]) => { window.__dptWait = (async () => {
 WAITED = "() => window.__dptWait"
 
 
-def wait_img(page, sel: str, old, action) -> tuple[float, dict]:
-    """Arm the watch of the <img> under `sel`, run `action()`: (the page's Date.now() just
-    before the action, the WAIT_IMG timing of the new picture)."""
-    page.evaluate(WAIT_IMG, [sel, old])
+def watched(page, watch: str, arg, action):
+    """Arm `watch` (WAIT_IMG, WAIT_TEXT) with `arg`, run `action()`: (the page's Date.now()
+    just before the action, what the watch resolved with)."""
+    page.evaluate(watch, arg)
     t0 = page.evaluate("Date.now()")
     action()
     return t0, page.evaluate(WAITED)
+
+
+def wait_img(page, sel: str, old, action) -> tuple[float, dict]:
+    """`watched` for the <img> under `sel`: the WAIT_IMG timing of the new picture."""
+    return watched(page, WAIT_IMG, [sel, old], action)
 
 
 # Resolves once the <img> under `sel` has kept its src for `quiet` ms: the interaction before is over
@@ -470,10 +475,7 @@ def gradio_floor(browser, tmp: Path, n: int = 15) -> dict[str, list[float]]:
                 def click():
                     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
                 if done:
-                    page.evaluate(WAIT_TEXT, [done, old])
-                    t0 = page.evaluate("Date.now()")
-                    click()
-                    shown = page.evaluate(WAITED)
+                    t0, shown = watched(page, WAIT_TEXT, [done, old], click)
                 else:
                     t0, timing = wait_img(page, "#im", old, click)
                     shown = timing["shown"]

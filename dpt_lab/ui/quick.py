@@ -82,12 +82,12 @@ def session_state(demo, state_component, session: str) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-def render(views: dict[str, Callable], demo, state_component, query: dict, tidy: Optional[list] = None
+def render(views: dict[str, Callable], demo, state_component, query: dict, tidy: list
            ) -> Optional[dict[str, str]]:
     """{element id: data URL} for one request's query (tab, session, ...), or None.
 
     tidy: a list that gets what is left to do once the answer is sent (`tidy_up`): measuring
-    the entries the view may have grown, and giving freed memory back. None: done here."""
+    the entries the view may have grown, and giving freed memory back."""
     start = time.time()
     query = dict(query)
     tab = query.pop("tab", "")
@@ -103,10 +103,7 @@ def render(views: dict[str, Callable], demo, state_component, query: dict, tidy:
         urls = {k: data_url(v) for k, v in (pictures or {}).items()} or None
     except Exception:        # noqa: BLE001 - the Gradio event that follows shows the error
         urls = None
-    if tidy is None:
-        tidy_up(pending)
-    else:
-        tidy.extend(pending)
+    tidy.extend(pending)
     if urls:
         served.append((tab, start, time.time()))
     return urls
