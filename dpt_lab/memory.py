@@ -9,9 +9,14 @@ handlers on many threads). Freed arena memory stays resident: a server's RSS gre
 3.5 GB to 8.4 GB in six minutes of traffic.
 
 What is done (measured in BENCHMARKS.md, "Memory under traffic"): after every request the
-app calls `release()`, which hands the free pages of every arena back to the OS with
-malloc_trim(3), and `configure()` caps the arenas at ARENA_MAX with mallopt(3), so the
-memory one thread's request freed is reused by the next request on another thread. The
+app calls `release_soon()`, and once requests pause (QUIET_S without one ending, or LATEST_S
+after the first, under steady traffic) a background thread's `release()` hands the free
+pages of every arena back to the OS with malloc_trim(3); `configure()` caps the arenas at
+ARENA_MAX with mallopt(3), so the memory one thread's request freed is reused by the next
+request on another thread. Why not trim at once after each request: the pages handed back
+are the ones the next request would reuse, and it faults them in again (~100 MB for a
+fusion decode at 518: 60-90 ms more per slider move, BENCHMARKS.md "Trimming when requests
+pause"). The store trims at once when it measures the process over its allowance. The
 dynamic mmap threshold is kept on purpose: fixing it (M_MMAP_THRESHOLD, or any of
 M_TRIM_THRESHOLD / M_TOP_PAD / M_MMAP_MAX, which also turn it off) maps and faults in
 every large tensor afresh, 15-20% of the throughput. Both are plain glibc calls through
@@ -21,7 +26,8 @@ happens and `state()` says so. The library on its own never touches the allocato
 app does (app.build_app).
 
     memory.configure()            # idempotent; DPT_LAB_MALLOC=off leaves glibc alone
-    memory.release()              # after a request: free pages back to the OS
+    memory.release_soon()         # after a request: free pages back to the OS when requests pause
+    memory.release()              # free pages back to the OS now
     memory.state()                # what is in force: arenas counted by malloc_info(3)
 """
 
@@ -32,11 +38,14 @@ import ctypes.util
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 M_ARENA_MAX = -8             # mallopt(3) parameter (malloc.h)
 ARENA_MAX = 2                # arenas for all threads: the app runs 2 model events at once
+QUIET_S = 2.0                # release_soon: trim once no request has ended for this long,
+LATEST_S = 10.0              # or this long after the first request since the last trim
 
 
 @dataclass
@@ -57,7 +66,8 @@ class AllocatorState:
         if self.mode != "tuned":
             return f"allocator {self.allocator}: left as it is ({self.mode})"
         return (f"allocator {self.allocator}: M_ARENA_MAX={self.arena_max} ({self.arenas} in use), malloc_trim "
-                f"after every request; {'in force' if self.in_force else 'NOT in force'}")
+                f"when requests pause ({QUIET_S:g} s quiet, {LATEST_S:g} s at most); "
+                f"{'in force' if self.in_force else 'NOT in force'}")
 
 
 _lock = threading.Lock()
@@ -127,14 +137,60 @@ def configure(mode: Optional[str] = None) -> AllocatorState:
     return state()
 
 
+_due = threading.Condition()      # release_soon's schedule, read by the trimming thread
+_owed_since: Optional[float] = None   # monotonic time of the first request since the last trim
+_last_end = 0.0                        # ... and of the latest one
+_trimmer: Optional[threading.Thread] = None
+
+
 def release() -> None:
-    """Give the free pages of every arena back to the OS (malloc_trim), when configured."""
-    global _trims
+    """Give the free pages of every arena back to the OS (malloc_trim) now, when configured
+    (a trim release_soon owes is made by it)."""
+    global _trims, _owed_since
     if _mode != "tuned":
         return
+    with _due:
+        _owed_since = None
     _glibc().malloc_trim(0)
     with _lock:
         _trims += 1
+
+
+def release_soon() -> None:
+    """After a request: its freed pages go back to the OS (release) once requests pause,
+    QUIET_S after the latest one ended, or LATEST_S after the first one since the last trim,
+    whichever comes first, from a background thread (see the module doc for why)."""
+    global _owed_since, _last_end, _trimmer
+    if _mode != "tuned":
+        return
+    with _due:
+        _last_end = time.monotonic()
+        if _owed_since is None:
+            _owed_since = _last_end
+        if _trimmer is None or not _trimmer.is_alive():
+            _trimmer = threading.Thread(target=_trim_when_due, name="dpt-lab-trim", daemon=True)
+            _trimmer.start()
+        _due.notify()
+
+
+def _trim_when_due() -> None:
+    global _owed_since
+    while True:
+        with _due:
+            while _owed_since is None:
+                _due.wait()
+            wait = min(_last_end + QUIET_S, _owed_since + LATEST_S) - time.monotonic()
+            if wait > 0:
+                _due.wait(wait)        # a request ending meanwhile moves the quiet deadline
+                continue
+            _owed_since = None
+        release()
+
+
+def trim_owed() -> bool:
+    """A release_soon() is waiting for its trim."""
+    with _due:
+        return _owed_since is not None
 
 
 def state() -> AllocatorState:

@@ -329,7 +329,9 @@ class FeatureStore:
         an empty store leaves no room (other work in flight, entries still held), it waits up
         to `wait_s` (default RESERVE_WAIT_S) for that work to end, then goes ahead anyway
         (work that holds an entry may be what it waits for). When the work ends, its freed
-        memory goes back to the OS (memory.release) before its bytes are given back. `what`
+        memory goes back to the OS once requests pause (memory.release_soon: the next
+        decode of a slider drag reuses those pages); a fit that finds the process over its
+        allowance before then trims at once (_squeeze), so what was freed is not counted. `what`
         names the work in `accounting()`; `keep`: the entry the work is on, never evicted for it."""
         from . import memory
 
@@ -350,7 +352,7 @@ class FeatureStore:
         try:
             yield need
         finally:
-            memory.release()
+            memory.release_soon()
             with self._room:
                 self.reserved -= need
                 self._work.pop(id(token), None)

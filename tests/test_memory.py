@@ -90,7 +90,7 @@ def test_the_server_process_runs_with_the_tuned_allocator(tmp_path):
         proc.wait(30)
     said = [ln for ln in lines if "allocator" in ln]
     assert said, "".join(lines)[-2000:]
-    assert f"M_ARENA_MAX={memory.ARENA_MAX}" in said[0] and "malloc_trim after every request" in said[0]
+    assert f"M_ARENA_MAX={memory.ARENA_MAX}" in said[0] and "malloc_trim when requests pause" in said[0]
     assert said[0].rstrip().endswith("; in force")
     store_line = [ln for ln in lines if "feature store" in ln]      # the store measures the process too
     assert store_line and "giving way to the process' RSS past its weights + 0.75 GiB" in store_line[0], lines
@@ -99,6 +99,58 @@ def test_the_server_process_runs_with_the_tuned_allocator(tmp_path):
 def test_configure_checks_its_mode():
     with pytest.raises(ValueError, match="DPT_LAB_MALLOC"):
         memory.configure("sometimes")
+
+
+def _record_trims(monkeypatch, quiet_s: float, latest_s: float) -> list:
+    """release_soon's schedule shortened, with its trims recorded (their monotonic times)
+    instead of made; the trimming thread looks these module names up on each round."""
+    trims: list = []
+    monkeypatch.setattr(memory, "_mode", "tuned")
+    monkeypatch.setattr(memory, "release", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(memory, "QUIET_S", quiet_s)
+    monkeypatch.setattr(memory, "LATEST_S", latest_s)
+    return trims
+
+
+def _until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_trim_waits_until_requests_pause(monkeypatch):
+    """A trim hands back the pages the next request would reuse (and fault in again), so
+    requests in quick succession trim once, QUIET_S after the last of them."""
+    trims = _record_trims(monkeypatch, quiet_s=0.3, latest_s=60)
+    for _ in range(6):                 # requests ending 0.1 s apart: no pause between them
+        memory.release_soon()
+        time.sleep(0.1)
+    last = time.monotonic() - 0.1
+    assert trims == [] and memory.trim_owed()
+    assert _until(lambda: trims)
+    time.sleep(0.4)
+    assert len(trims) == 1 and trims[0] - last >= 0.3 - 0.02 and not memory.trim_owed()
+
+
+def test_steady_traffic_still_trims(monkeypatch):
+    """Requests that never pause still trim, LATEST_S after the first one since the last trim."""
+    trims = _record_trims(monkeypatch, quiet_s=0.3, latest_s=0.5)
+    start = time.monotonic()
+    while time.monotonic() - start < 1.3:
+        memory.release_soon()
+        time.sleep(0.05)
+    assert 2 <= len(trims) <= 3
+    assert all(0.5 - 0.02 <= t - s <= 0.5 + 0.2 for s, t in zip([start, *trims], trims))
+    assert _until(lambda: not memory.trim_owed())
+
+
+def test_without_the_tuned_allocator_nothing_is_scheduled(monkeypatch):
+    trims = _record_trims(monkeypatch, quiet_s=0.05, latest_s=0.05)
+    monkeypatch.setattr(memory, "_mode", "off")
+    memory.release_soon()
+    time.sleep(0.2)
+    assert trims == [] and not memory.trim_owed()
 
 
 def test_the_memory_log_writes_rss_beside_the_stores_accounting(tmp_path):

@@ -41,7 +41,7 @@ def user_error(message: str) -> gr.Error:
 def user_errors(fn):
     """Run a handler; DPT Lab's own errors, bad files and memory trouble become gr.Error
     messages (the server keeps serving). Anything else is logged and shown briefly.
-    Afterwards the request's freed memory goes back to the OS (dpt_lab.memory)."""
+    Afterwards the request's freed memory goes back to the OS when requests pause (dpt_lab.memory)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -57,7 +57,7 @@ def user_errors(fn):
             traceback.print_exc()
             raise user_error(f"internal error ({type(exc).__name__}: {exc}); see the server log") from None
         finally:
-            memory.release()
+            memory.release_soon()
 
     return wrapper
 

@@ -110,11 +110,12 @@ def render(views: dict[str, Callable], demo, state_component, query: dict, tidy:
 
 
 def tidy_up(pending: list) -> None:
-    """After an answer: measure the entries its view used (store.remeasure_all), release memory."""
+    """After an answer: measure the entries its view used (store.remeasure_all); its freed
+    memory goes back to the OS when requests pause (memory.release_soon)."""
     try:
         store.remeasure_all(pending)
     finally:
-        memory.release()
+        memory.release_soon()
 
 
 def mount(demo) -> None:
