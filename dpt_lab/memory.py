@@ -14,9 +14,10 @@ after the first, under steady traffic) a background thread's `release()` hands t
 pages of every arena back to the OS with malloc_trim(3); `configure()` caps the arenas at
 ARENA_MAX with mallopt(3), so the memory one thread's request freed is reused by the next
 request on another thread. Why not trim at once after each request: the pages handed back
-are the ones the next request would reuse, and it faults them in again (~100 MB for a
-fusion decode at 518: 60-90 ms more per slider move, BENCHMARKS.md "Trimming when requests
-pause"). The store trims at once when it measures the process over its allowance. The
+are the ones the next request would reuse, and it faults them in again (a fusion slider
+move at 518: ~13k more page faults, 0-10% of its time in bench/trim.py, 267 -> 216 ms for
+the page's quick answer; BENCHMARKS.md "Trimming when requests pause"). The store trims at
+once when it measures the process over its allowance. The
 dynamic mmap threshold is kept on purpose: fixing it (M_MMAP_THRESHOLD, or any of
 M_TRIM_THRESHOLD / M_TOP_PAD / M_MMAP_MAX, which also turn it off) maps and faults in
 every large tensor afresh, 15-20% of the throughput. Both are plain glibc calls through
@@ -214,7 +215,6 @@ def start_log(path, fields, every_s: float = 0.5) -> threading.Thread:
     process' RSS and the columns of `fields()` (the app passes store.accounting: what the
     store counts beside what is resident; DPT_LAB_MEMLOG, read by bench/soak.py)."""
     import csv
-    import time
 
     def run():
         with open(path, "w", newline="") as f:
