@@ -88,16 +88,13 @@ class ResidualConvUnit(nn.Module):
         self.conv1 = nn.Conv2d(features, features, 3, padding=1)
         self.conv2 = nn.Conv2d(features, features, 3, padding=1)
 
-    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
-        """conv2(relu(conv1(relu(x)))) + x (+ add, if given: the fusion block's other input)."""
+    def forward(self, x: Tensor) -> Tensor:
+        """conv2(relu(conv1(relu(x)))) + x."""
         if fastpath.active(x, self):
             x = fastpath.channels_last(x)
-            if add is not None:
-                add = x + add
             h = fastpath.conv(self.conv1, F.relu(x), relu=True)
-            return fastpath.conv(self.conv2, h, add=x if add is None else add)
-        out = self.conv2(F.relu(self.conv1(F.relu(x)))) + x
-        return out if add is None else add + out
+            return fastpath.conv(self.conv2, h, add=x)
+        return self.conv2(F.relu(self.conv1(F.relu(x)))) + x
 
 
 class FusionBlock(nn.Module):
@@ -110,8 +107,10 @@ class FusionBlock(nn.Module):
         self.out_conv = nn.Conv2d(features, features, kernel_size=1)
 
     def forward(self, x: Tensor, skip: Optional[Tensor], size: tuple[int, int]) -> Tensor:
-        if skip is not None:
-            x = self.rcu1(skip, add=x)          # x + rcu1(skip)
+        return self.merge(x if skip is None else x + self.rcu1(skip), size)
+
+    def merge(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """The block after its two inputs are summed: out_conv(upsample(rcu2(x)))."""
         x = self.rcu2(x)
         # out_conv is 1x1 and bilinear weights sum to 1, so conv-then-resize equals
         # resize-then-conv; upsampling, the conv runs on the smaller map (on any device;
@@ -121,6 +120,31 @@ class FusionBlock(nn.Module):
             return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.out_conv(x)
+
+
+class FusionStages:
+    """What a decode of the same fusion inputs with other factors can reuse (a slider move).
+
+    Fusion block k's output depends only on factors k.. (its own and the coarser ones), and
+    its skip branch rcu1(factor_k * input_k) only on factor k. Moving factor 2 of 4 thus
+    reruns block 1, block 0's rcu2 and the head; the coarser blocks and block 0's skip
+    branch (a fifth of the decoder) come from here. One value per slot, the latest: block
+    outputs 3..1 and skip branches 2..0 (block 0's output, at twice the finest map, is not
+    kept). ViT-S at 518 x 784: ~22 MB; DepthModel keeps one such set per model."""
+
+    __slots__ = ("paths", "skips", "__weakref__")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        # replaced, never changed in place: a decode running in another thread keeps its copy
+        self.paths: dict[int, tuple] = {}
+        self.skips: dict[int, tuple] = {}
+
+
+def _scaled(x: Tensor, factor: float) -> Tensor:
+    return x if factor == 1.0 else x * factor
 
 
 class DepthHead(nn.Module):
@@ -197,15 +221,37 @@ class DPTDecoder(nn.Module):
         return [conv(m) for conv, m in zip(self.layer_rn, maps)]
 
     def fuse(self, layers: Sequence[Tensor], out_size: tuple[int, int],
-             fusion_scales: Optional[Sequence[float]] = None) -> Tensor:
-        if fusion_scales is not None and tuple(fusion_scales) != (1.0, 1.0, 1.0, 1.0):
-            layers = [m * float(s) for m, s in zip(layers, fusion_scales)]
-        sizes = [m.shape[-2:] for m in layers]
-        path = self.fusion[3](layers[3], None, sizes[2])
-        path = self.fusion[2](path, layers[2], sizes[1])
-        path = self.fusion[1](path, layers[1], sizes[0])
-        h0, w0 = sizes[0]
-        path = self.fusion[0](path, layers[0], (2 * h0, 2 * w0))
+             fusion_scales: Optional[Sequence[float]] = None, stages: Optional[FusionStages] = None) -> Tensor:
+        """Fusion blocks 3..0 and the head. With `stages`, blocks whose inputs did not change
+        since the last call with the same `stages` are taken from it, and it is updated."""
+        factors = (1.0,) * 4 if fusion_scales is None else tuple(float(s) for s in fusion_scales)
+        # the numbers differ (by rounding) with the fast path on or off and under autocast
+        device = layers[0].device.type
+        mode = (fastpath.enabled(), torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device))
+        paths, skips = ({}, {}) if stages is None else (dict(stages.paths), dict(stages.skips))
+        h0, w0 = layers[0].shape[-2:]
+        targets = [(2 * h0, 2 * w0)] + [tuple(m.shape[-2:]) for m in layers[:3]]
+        path = None
+        for k in (3, 2, 1, 0):
+            key = (mode, factors[k:])
+            if k in paths and paths[k][0] == key:
+                path = paths[k][1]
+                continue
+            block = self.fusion[k]
+            if path is None:                    # the coarsest block has no skip input
+                x = _scaled(layers[k], factors[k])
+            else:
+                skip_key = (mode, factors[k])
+                kept = skips.get(k)
+                branch = kept[1] if kept is not None and kept[0] == skip_key else block.rcu1(_scaled(layers[k], factors[k]))
+                if stages is not None:
+                    skips[k] = (skip_key, branch)
+                x = path + branch
+            path = block.merge(x, targets[k])
+            if stages is not None and k:
+                paths[k] = (key, path)
+        if stages is not None:
+            stages.paths, stages.skips = paths, skips
         return self.head(path, out_size)
 
     def forward(self, maps, cls, out_size, fusion_scales=None) -> Tensor:

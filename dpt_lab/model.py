@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fastpath
-from .decoder import DPTDecoder
+from .decoder import DPTDecoder, FusionStages
 from .encoders.base import EncoderFeatures, Record, Resume
 from .families import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - importable from here as before
 
@@ -86,6 +86,7 @@ class DepthModel(nn.Module):
         self.decoder = decoder
         self.info = info
         self.compute_dtype: Optional[torch.dtype] = None    # half precision under autocast (precision.apply)
+        self._last_stages: Optional[weakref.ref] = None     # the FusionStages that hold tensors (decode)
 
     def _autocast(self):
         """torch.autocast in compute_dtype on the model's device, or nothing (float32)."""
@@ -126,10 +127,13 @@ class DepthModel(nn.Module):
         """Depth (B x H x W) from encoder features; `fusion_scales` multiply the four
         fusion inputs (see decoder.py). The fusion inputs (reassemble + layer_rn, everything
         before the scaling) are computed once per `feats` and kept in it (`fusion_inputs`),
-        so decoding the same features again, e.g. for a slider change, runs only the fusion
-        blocks and the head. The numbers are those of the uncached decoder exactly."""
+        and so are the fusion stages of the last decode (decoder.FusionStages, for the
+        features this model decoded last), so a slider change runs only the fusion blocks
+        its factor reaches and the head. The numbers are those of the uncached decoder
+        exactly."""
         with self._packing(), self._autocast():
-            return self.decoder.fuse(self.fusion_inputs(feats), feats.out_size, fusion_scales).float()
+            layers, stages = self._fusion_cache(feats)
+            return self.decoder.fuse(layers, feats.out_size, fusion_scales, stages).float()
 
     def fusion_inputs(self, feats: EncoderFeatures) -> list[Tensor]:
         """The four decoder-width maps entering the fusion blocks (layer_rn outputs, before
@@ -139,17 +143,31 @@ class DepthModel(nn.Module):
         are the same tensor objects (replace them, and it is recomputed; in-place edits of
         those tensors are not detected). Nothing is cached while autograd records (a cached
         graph could not be backpropagated twice) or while tracing / compiling (export)."""
+        return self._fusion_cache(feats)[0]
+
+    def _fusion_cache(self, feats: EncoderFeatures) -> tuple[list[Tensor], Optional[FusionStages]]:
+        """(fusion inputs, the stages kept with them, or None where nothing is cached)."""
         cls = tuple(feats.cls) if feats.cls is not None else None
         # the decoder by weak reference: cached features must not keep an evicted model alive
         key = (weakref.ref(self.decoder), tuple(feats.maps), cls)
         cached = feats.extras.get("fusion_inputs")
         if cached is not None and _same_objects(cached[0], (self.decoder, *key[1:])):
-            return cached[1]
-        with self._autocast():
-            layers = self.decoder.reassembled(feats.maps, feats.cls)
-        if not (torch.is_grad_enabled() or fastpath.tracing()):
-            feats.extras["fusion_inputs"] = (key, layers)
-        return layers
+            _, layers, stages = cached
+            if torch.is_grad_enabled() or fastpath.tracing():
+                return layers, None
+        else:
+            with self._autocast():
+                layers = self.decoder.reassembled(feats.maps, feats.cls)
+            if torch.is_grad_enabled() or fastpath.tracing():
+                return layers, None
+            stages = FusionStages()
+            feats.extras["fusion_inputs"] = (key, layers, stages)
+        # one set of stages per model holds tensors: the features decoded last (a slider's)
+        last = self._last_stages() if self._last_stages is not None else None
+        if last is not None and last is not stages:
+            last.clear()
+        self._last_stages = weakref.ref(stages)
+        return layers, stages
 
     def forward(self, x: Tensor) -> Tensor:
         # the uncached path (same code as decode): a forward never keeps fusion inputs alive

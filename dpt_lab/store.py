@@ -432,13 +432,22 @@ class FeatureStore:
 
     def watch(self, every_s: float = WATCH_S) -> threading.Thread:
         """Fit every `every_s` seconds on a daemon thread (with outside_allowance set): the store
-        gives way to a spike of the process' memory between requests too."""
+        gives way to a spike of the process' memory between requests too. The thread holds
+        the store weakly and ends with it."""
+        import weakref
+
+        held = weakref.ref(self)
+
         def run():
             while True:
                 time.sleep(every_s)
-                with self._room:
-                    self._fit(None)
-                    self._room.notify_all()
+                store = held()
+                if store is None:
+                    return
+                with store._room:
+                    store._fit(None)
+                    store._room.notify_all()
+                del store
 
         thread = threading.Thread(target=run, name="dpt-lab-store-watch", daemon=True)
         thread.start()

@@ -232,6 +232,54 @@ def test_fusion_input_cache_is_per_model_and_per_maps(models):
     assert torch.equal(got.detach(), ref)
 
 
+def test_a_slider_move_reruns_only_the_blocks_its_factor_reaches(models, monkeypatch):
+    """Block k's output depends on factors k.. and its skip branch on factor k alone: a move
+    takes the rest from the last decode of the same features, with the same numbers."""
+    from dpt_lab import fastpath
+
+    model, _, feats, _ = models("depth_anything_v2_vits")
+    moves = [(1, 1, 1, 1), (1, 0.5, 1, 1), (0.7, 0.5, 1, 1), (0.7, 0.5, 1, 2), (0.7, 0.5, 1, 2), (0.7, 0.5, -1, 2)]
+    with torch.inference_mode():
+        refs = [model.decode(fresh(feats), s) for s in moves]
+    ran = []
+    for k, block in enumerate(model.decoder.fusion):
+        for part in ("rcu1", "rcu2"):
+            unit = getattr(block, part)
+            monkeypatch.setattr(unit, "forward", lambda x, _f=unit.forward, _n=f"{part}.{k}": (ran.append(_n), _f(x))[1])
+
+    def decode(f, s):
+        ran.clear()
+        with torch.inference_mode():
+            return model.decode(f, s), sorted(ran)
+
+    feats = fresh(feats)
+    expected_runs = [
+        ["rcu1.0", "rcu1.1", "rcu1.2", "rcu2.0", "rcu2.1", "rcu2.2", "rcu2.3"],   # first decode: everything
+        ["rcu1.1", "rcu2.0", "rcu2.1"],                                            # factor 2: block 1, block 0 after its skip
+        ["rcu1.0", "rcu2.0"],                                                      # factor 1: block 0 only
+        ["rcu2.0", "rcu2.1", "rcu2.2", "rcu2.3"],                                  # factor 4: no skip branch changed
+        ["rcu2.0"],                                                                # the same factors: block 0's output is not kept
+        ["rcu1.2", "rcu2.0", "rcu2.1", "rcu2.2"],                                  # factor 3
+    ]
+    for scales, ref, expected in zip(moves, refs, expected_runs):
+        got, runs = decode(feats, scales)
+        assert torch.equal(got, ref), scales
+        assert runs == expected, scales
+    # another set of features decoded by the model: the first one's stages are let go
+    other = fresh(feats)
+    decode(other, moves[-1])
+    assert feats.extras["fusion_inputs"][2].paths == {} and feats.extras["fusion_inputs"][2].skips == {}
+    got, runs = decode(feats, moves[-1])
+    assert torch.equal(got, refs[-1]) and len(runs) == 7
+    # stages made with the fast path are not taken without it (other rounding; the cached
+    # fusion inputs are the fast path's in both)
+    with fastpath.disabled():
+        got, runs = decode(feats, moves[-1])
+        again, runs_again = decode(feats, moves[-1])
+    assert len(runs) == 7 and runs_again == ["rcu2.0"] and torch.equal(got, again)
+    assert torch.allclose(got, refs[-1], atol=1e-5)
+
+
 def test_cached_features_do_not_keep_the_model_alive(tmp_path):
     """A session's features outlive an evicted model: their cache holds the decoder weakly."""
     import gc
