@@ -17,7 +17,8 @@ with a one-pixel mark so each is a new encode):
 3. --clicks clicks on the image -> their tiles shown (reference: Lab.attention_at);
 4. open the Block norms tab -> heatmap drawn: Plotly's `plotly_afterplot` for the new
    figure, then one animation frame (reference: Lab.norms_view);
-5. --drags fusion slider positions -> scaled depth shown (reference: the decoder alone);
+5. --drags fusion slider positions -> scaled depth shown (reference: the decoder alone, every
+   fusion block and the head, none taken from the previous position);
 6. hover: on the Features tab's similarity image, with "follow the pointer" on, the pointer
    swept across the image for --hover-seconds (a move every 16 ms, as a mouse sends them):
    how many new maps the page showed per second while it moved, and whether the map left
@@ -387,9 +388,10 @@ def run_once(page, pic: Path, results, args, traces, lab, model, *, warm=False, 
                               lambda: page.locator("#fusion-scale-2 input[type=range]").fill(f"{v:.2f}"))
         timing["src"] = page.evaluate(SETTLE, ["#fusion-scaled", SETTLE_MS])
         if results is not None:
-            with torch.inference_mode():
+            with torch.inference_mode():   # every fusion block and the head (no stages kept from a move)
+                layers = model.fusion_inputs(entry.feats)
                 t = time.perf_counter()
-                model.decode(entry.feats, fusion_scales=(1, float(v), 1, 1))
+                model.decoder.fuse(layers, entry.feats.out_size, (1, float(v), 1, 1))
                 ref = ms(time.perf_counter() - t)
             record("fusion", t0, timing, ref)
     page.locator("#fusion-reset").click()

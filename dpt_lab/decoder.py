@@ -18,7 +18,12 @@ head's last activation (sigmoid * max_depth for metric Depth-Anything).
 On the CPU (float32, no autograd) the convolutions run channels-last through oneDNN with
 their ReLU / residual add fused in (fastpath.py); each fusion block applies its 1x1
 out_conv before the bilinear upsampling instead of after it (the two commute: bilinear
-weights sum to 1), on a quarter of the pixels. Both change only float rounding.
+weights sum to 1), on a quarter of the pixels, and the head's convs read the finest
+block's output and conv1's output upsampled in bands of rows (upsampled_conv_bands), so
+that no full-size upsampled map is made. All of this changes only float rounding.
+
+A slider of the fusion-scaling experiment reruns only what its factor reaches
+(FusionStages, kept by DepthModel.decode).
 """
 
 from __future__ import annotations
@@ -109,9 +114,12 @@ class FusionBlock(nn.Module):
     def forward(self, x: Tensor, skip: Optional[Tensor], size: tuple[int, int]) -> Tensor:
         return self.merge(x if skip is None else x + self.rcu1(skip), size)
 
-    def merge(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        """The block after its two inputs are summed: out_conv(upsample(rcu2(x)))."""
+    def merge(self, x: Tensor, size: Optional[tuple[int, int]]) -> Tensor:
+        """The block after its two inputs are summed: out_conv(upsample(rcu2(x))); size None:
+        out_conv(rcu2(x)), for the fast path's head to upsample (DepthHead.from_low_res)."""
         x = self.rcu2(x)
+        if size is None:
+            return fastpath.conv(self.out_conv, x)
         # out_conv is 1x1 and bilinear weights sum to 1, so conv-then-resize equals
         # resize-then-conv; upsampling, the conv runs on the smaller map (on any device;
         # fastpath.disabled() restores the original order)
@@ -148,7 +156,8 @@ def _scaled(x: Tensor, factor: float) -> Tensor:
 
 
 class DepthHead(nn.Module):
-    BAND_ROWS = 64     # CPU fast path: output rows per band (see _fast_tail)
+    BAND_ROWS = 64           # CPU fast path: output rows per band of conv2 (see _fast_tail)
+    BAND_BYTES = 2 << 20     # ... and of conv1 from a low-resolution input, by its bytes (from_low_res)
 
     def __init__(self, features: int, hidden: int, metric: bool, max_depth: float):
         super().__init__()
@@ -169,30 +178,47 @@ class DepthHead(nn.Module):
         return F.relu(x).squeeze(1)
 
     def _fast_tail(self, x: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """upsample -> conv2 -> ReLU -> conv3 -> activation, in bands of output rows.
-
-        At full resolution each of these maps is tens of MB (518 x 518 x 32 floats: 34 MB),
-        allocated fresh (page faults) and streamed through memory once per op. A band of
-        BAND_ROWS rows stays in cache: its upsampled rows (one more on each side for the
-        3x3 conv, zero rows at the image edges as conv2's padding) are blended from the two
-        source rows the align_corners bilinear resize reads, then resized along the width
-        by F.interpolate (the row count unchanged, so rows are copied as they are)."""
-        b, c, h, w = x.shape
+        """upsample -> conv2 -> ReLU -> conv3 -> activation, in bands of output rows
+        (upsampled_conv_bands: a full-resolution map is never made)."""
+        b = x.shape[0]
         height, width = int(out_size[0]), int(out_size[1])
-        src = x.permute(0, 2, 3, 1)                                   # (B, h, w, C), contiguous
-        lo, hi, weight = fastpath.bilinear_rows(h, height)
         out = torch.empty(b, height, width, dtype=x.dtype, device=x.device)
-        for r0 in range(0, height, self.BAND_ROWS):
-            r1 = min(height, r0 + self.BAND_ROWS)
-            a, e = max(r0 - 1, 0), min(r1 + 1, height)
-            rows = torch.lerp(src.index_select(1, lo[a:e]), src.index_select(1, hi[a:e]), weight[a:e].view(1, -1, 1, 1))
-            band = F.interpolate(rows.permute(0, 3, 1, 2), size=(e - a, width), mode="bilinear", align_corners=True)
-            if r0 == 0 or r1 == height:
-                band = fastpath.channels_last(F.pad(band, (0, 0, int(r0 == 0), int(r1 == height))))
-            y = fastpath.conv(self.conv2, band, relu=True, padding=(0, self.conv2.padding[1]))
+        for r0, r1, y in upsampled_conv_bands(x, (height, width), self.conv2, self.BAND_ROWS, relu=True):
             y = fastpath.conv(self.conv3, y, relu=not self.metric)
             out[:, r0:r1] = torch.sigmoid(y[:, 0]) * self.max_depth if self.metric else y[:, 0]
         return out
+
+    def from_low_res(self, x: Tensor, size: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
+        """The head on x upsampled (bilinear, align_corners) to `size`, without that map: the
+        CPU fast path's finest fusion block hands over its output before the upsampling,
+        which conv1 reads in bands (at 518 x 784 that map is 33 MB for ViT-S, 133 MB for
+        ViT-L, allocated fresh and streamed through memory twice)."""
+        b = x.shape[0]
+        mid = torch.empty(b, size[0], size[1], self.conv1.out_channels, dtype=x.dtype, device=x.device)  # NHWC
+        rows = max(4, self.BAND_BYTES // (size[1] * x.shape[1] * x.element_size()))
+        for r0, r1, y in upsampled_conv_bands(x, size, self.conv1, rows):
+            mid[:, r0:r1] = y.permute(0, 2, 3, 1)
+        return self._fast_tail(mid.permute(0, 3, 1, 2), out_size)
+
+
+def upsampled_conv_bands(x: Tensor, size: tuple[int, int], conv: nn.Conv2d, band_rows: int, relu: bool = False):
+    """conv(upsample(x)) band by band, for a 3x3 conv with padding 1 and an align_corners
+    bilinear upsampling of x (B x C x h x w, channels-last) to `size`: yields (r0, r1, rows
+    r0..r1 of the conv's output, channels-last). A band's upsampled rows (one more on each
+    side for the 3x3 conv, zero rows at the image edges as its padding) are blended from the
+    two source rows the resize reads, then resized along the width by F.interpolate (the
+    row count unchanged, so rows are copied as they are); a band stays in cache."""
+    src = fastpath.channels_last(x).permute(0, 2, 3, 1)             # (B, h, w, C), contiguous
+    height, width = int(size[0]), int(size[1])
+    lo, hi, weight = fastpath.bilinear_rows(src.shape[1], height)
+    for r0 in range(0, height, band_rows):
+        r1 = min(height, r0 + band_rows)
+        a, e = max(r0 - 1, 0), min(r1 + 1, height)
+        rows = torch.lerp(src.index_select(1, lo[a:e]), src.index_select(1, hi[a:e]), weight[a:e].view(1, -1, 1, 1))
+        band = F.interpolate(rows.permute(0, 3, 1, 2), size=(e - a, width), mode="bilinear", align_corners=True)
+        if r0 == 0 or r1 == height:
+            band = fastpath.channels_last(F.pad(band, (0, 0, int(r0 == 0), int(r1 == height))))
+        yield r0, r1, fastpath.conv(conv, band, relu=relu, padding=(0, conv.padding[1]))
 
 
 class DPTDecoder(nn.Module):
@@ -247,12 +273,18 @@ class DPTDecoder(nn.Module):
                 if stages is not None:
                     skips[k] = (skip_key, branch)
                 x = path + branch
+            if k == 0:
+                break
             path = block.merge(x, targets[k])
-            if stages is not None and k:
+            if stages is not None:
                 paths[k] = (key, path)
         if stages is not None:
             stages.paths, stages.skips = paths, skips
-        return self.head(path, out_size)
+        finest = self.fusion[0]
+        if fastpath.active(x, finest, self.head):
+            # the finest block's 2x upsampling is done in bands inside the head
+            return self.head.from_low_res(finest.merge(x, None), targets[0], out_size)
+        return self.head(finest.merge(x, targets[0]), out_size)
 
     def forward(self, maps, cls, out_size, fusion_scales=None) -> Tensor:
         return self.fuse(self.reassembled(maps, cls), out_size, fusion_scales)

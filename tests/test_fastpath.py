@@ -308,3 +308,35 @@ def test_only_small_models_pack_their_weights(models, monkeypatch):
         small = model(x)
     assert fastpath.packed_bytes() > before
     assert (large - small).abs().max().item() <= 1e-5 * small.abs().max().item()
+
+
+@pytest.mark.parametrize("stem", ["depth_anything_v2_vits", "depth_anything_v2_metric_vits"])
+def test_the_head_in_bands_gives_the_plain_ops_numbers(models, stem, monkeypatch):
+    """The head's two upsamplings run in bands of rows (conv1 from the finest fusion block's
+    output before its upsampling, conv2 from conv1's): many short bands and both image edges:
+    the numbers of the plain ops."""
+    from dpt_lab import decoder
+
+    model, x = models(stem)
+    bands = []
+    real = decoder.upsampled_conv_bands
+
+    def spy(x, size, conv, band_rows, relu=False):
+        for r0, r1, y in real(x, size, conv, band_rows, relu):
+            bands.append((conv, r0, r1, size[0]))
+            yield r0, r1, y
+
+    monkeypatch.setattr(decoder, "upsampled_conv_bands", spy)
+    monkeypatch.setattr(decoder.DepthHead, "BAND_ROWS", 5)
+    monkeypatch.setattr(decoder.DepthHead, "BAND_BYTES", 1)      # conv1: 4 rows a band
+    with torch.inference_mode():
+        fast = model(x)
+        with fastpath.disabled():
+            plain = model(x)
+    head = model.decoder.head
+    for conv, rows in ((head.conv1, 4), (head.conv2, 5)):
+        mine = [b for b in bands if b[0] is conv]
+        height = mine[0][3]
+        assert [b[1] for b in mine] == list(range(0, height, rows)) and mine[-1][2] == height
+    scale = plain.abs().max().item()
+    assert (fast - plain).abs().max().item() <= 1e-5 * scale

@@ -77,6 +77,13 @@ def hand_fuse(decoder, inputs, out_size, scales=(1.0, 1.0, 1.0, 1.0), zero: int 
     return decoder.head(path, out_size)
 
 
+def same_but_rounding(got, ref) -> bool:
+    """Equal up to float32 rounding: on the CPU the decoder's fast path upsamples the finest
+    fusion block's output in bands inside the head (DepthHead.from_low_res), which the
+    modules called one by one (hand_fuse) do in one resize."""
+    return got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 # ------------------------------------------------------------------ numbers, every family
 @pytest.mark.parametrize("stem", STEMS)
 def test_identity_is_the_model_exactly(models, stem):
@@ -89,8 +96,9 @@ def test_identity_is_the_model_exactly(models, stem):
         plain = model.decode(feats)
         hand = hand_fuse(model.decoder, inputs, feats.out_size)
     assert full.shape == x.shape[:1] + x.shape[-2:]
-    for got in (first, again, plain, hand):
+    for got in (first, again, plain):
         assert torch.equal(got, full)
+    assert same_but_rounding(hand, full)
     assert "fusion_inputs" in feats.extras
     assert all(torch.equal(a, b) for a, b in zip(model.fusion_inputs(feats), inputs))
 
@@ -105,7 +113,7 @@ def test_zero_factor_removes_that_layer(models, stem):
             scales = tuple(0.0 if j == i else 1.0 for j in range(4))
             got = model.decode(feats, scales)
             # a fusion block fed a zero map where layer_rn[i]'s output was
-            assert torch.equal(got, hand_fuse(model.decoder, inputs, feats.out_size, zero=i)), f"layer {i + 1}"
+            assert same_but_rounding(got, hand_fuse(model.decoder, inputs, feats.out_size, zero=i)), f"layer {i + 1}"
             assert not torch.equal(got, unscaled), f"layer {i + 1} contributes nothing even at 1"
             # its contribution is gone: whatever that encoder map holds, the depth stays
             noisy = list(feats.maps)
@@ -124,7 +132,7 @@ def test_negative_and_large_factors(models, stem):
             got = model.decode(feats, scales)
             ref = hand_fuse(model.decoder, inputs, feats.out_size, scales)
             assert torch.isfinite(got).all() and got.shape == unscaled.shape
-            assert torch.equal(got, ref), scales
+            assert same_but_rounding(got, ref), scales
             assert not torch.equal(got, unscaled), scales
 
 
