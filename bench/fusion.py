@@ -8,7 +8,8 @@ size x size input (a real photo from assets/, preprocessed), in one process:
 
   forward          model(x): encoder + decoder, what a change of image costs
   re-render        model.decode(feats, scales) on cached features, the factors changing
-                   every call (what one slider event costs)
+                   every call (what one slider event costs; the fusion stages the changed factors do
+                   not reach come from the previous call, as in the app)
   re-render + post the same, plus model.postprocess back to the photo's size
   decode, no cache the decoder from the encoder maps (reassemble + layer_rn + fusion +
                    head): what a re-render would cost without the fusion-input cache
@@ -32,6 +33,7 @@ from common import machine, median_ms, write_results  # noqa: E402  (sets sys.pa
 from fixtures import save_fixture_checkpoint  # noqa: E402
 
 import dpt_lab  # noqa: E402
+from dpt_lab import fastpath  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "assets" / "astronaut.jpg"  # 512 x 512: lower_bound 518 gives a 518 x 518 input
@@ -55,7 +57,11 @@ def staged_decode(decoder, feats, scales, clock):
     path = clock("fusion[2]", lambda: decoder.fusion[2](path, layers[2], sizes[1]))
     path = clock("fusion[1]", lambda: decoder.fusion[1](path, layers[1], sizes[0]))
     h0, w0 = sizes[0]
-    path = clock("fusion[0]", lambda: decoder.fusion[0](path, layers[0], (2 * h0, 2 * w0)))
+    finest = decoder.fusion[0]
+    if fastpath.active(path, finest, decoder.head):   # as decoder.fuse: the head upsamples in bands
+        low = clock("fusion[0]", lambda: finest.merge(path + finest.rcu1(layers[0]), None))
+        return clock("head", lambda: decoder.head.from_low_res(low, (2 * h0, 2 * w0), feats.out_size))
+    path = clock("fusion[0]", lambda: finest(path, layers[0], (2 * h0, 2 * w0)))
     return clock("head", lambda: decoder.head(path, feats.out_size))
 
 

@@ -127,12 +127,15 @@ class DepthModel(nn.Module):
         """Depth (B x H x W) from encoder features; `fusion_scales` multiply the four
         fusion inputs (see decoder.py). The fusion inputs (reassemble + layer_rn, everything
         before the scaling) are computed once per `feats` and kept in it (`fusion_inputs`),
-        and so are the fusion stages of the last decode (decoder.FusionStages, for the
-        features this model decoded last), so a slider change runs only the fusion blocks
-        its factor reaches and the head. The numbers are those of the uncached decoder
+        and so are the fusion stages of the last decode with factors (decoder.FusionStages,
+        for the features this model decoded so last), so a slider change runs only the fusion
+        blocks its factor reaches and the head. The numbers are those of the uncached decoder
         exactly."""
+        scaled = fusion_scales is not None and any(float(s) != 1.0 for s in fusion_scales)
         with self._packing(), self._autocast():
-            layers, stages = self._fusion_cache(feats)
+            # the stages are kept for a slider's decodes only: a plain decode (each new image's
+            # depth) would add them to every encode kept (~22 MB for ViT-S, ~86 MB for ViT-L)
+            layers, stages = self._fusion_cache(feats, keep_stages=scaled)
             return self.decoder.fuse(layers, feats.out_size, fusion_scales, stages).float()
 
     def fusion_inputs(self, feats: EncoderFeatures) -> list[Tensor]:
@@ -145,8 +148,10 @@ class DepthModel(nn.Module):
         graph could not be backpropagated twice) or while tracing / compiling (export)."""
         return self._fusion_cache(feats)[0]
 
-    def _fusion_cache(self, feats: EncoderFeatures) -> tuple[list[Tensor], Optional[FusionStages]]:
-        """(fusion inputs, the stages kept with them, or None where nothing is cached)."""
+    def _fusion_cache(self, feats: EncoderFeatures, keep_stages: bool = False
+                      ) -> tuple[list[Tensor], Optional[FusionStages]]:
+        """(fusion inputs, the stages kept with them: None where nothing is cached or
+        `keep_stages` is off)."""
         cls = tuple(feats.cls) if feats.cls is not None else None
         # the decoder by weak reference: cached features must not keep an evicted model alive
         key = (weakref.ref(self.decoder), tuple(feats.maps), cls)
@@ -162,6 +167,8 @@ class DepthModel(nn.Module):
                 return layers, None
             stages = FusionStages()
             feats.extras["fusion_inputs"] = (key, layers, stages)
+        if not keep_stages:
+            return layers, None
         # one set of stages per model holds tensors: the features decoded last (a slider's)
         last = self._last_stages() if self._last_stages is not None else None
         if last is not None and last is not stages:

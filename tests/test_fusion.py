@@ -246,7 +246,7 @@ def test_a_slider_move_reruns_only_the_blocks_its_factor_reaches(models, monkeyp
     from dpt_lab import fastpath
 
     model, _, feats, _ = models("depth_anything_v2_vits")
-    moves = [(1, 1, 1, 1), (1, 0.5, 1, 1), (0.7, 0.5, 1, 1), (0.7, 0.5, 1, 2), (0.7, 0.5, 1, 2), (0.7, 0.5, -1, 2)]
+    moves = [(1, 0.9, 1, 1), (1, 0.5, 1, 1), (0.7, 0.5, 1, 1), (0.7, 0.5, 1, 2), (0.7, 0.5, 1, 2), (0.7, 0.5, -1, 2)]
     with torch.inference_mode():
         refs = [model.decode(fresh(feats), s) for s in moves]
     ran = []
@@ -261,6 +261,8 @@ def test_a_slider_move_reruns_only_the_blocks_its_factor_reaches(models, monkeyp
             return model.decode(f, s), sorted(ran)
 
     feats = fresh(feats)
+    decode(feats, (1, 1, 1, 1))          # a plain decode (a new image's depth) keeps no stages
+    assert feats.extras["fusion_inputs"][2].paths == {}
     expected_runs = [
         ["rcu1.0", "rcu1.1", "rcu1.2", "rcu2.0", "rcu2.1", "rcu2.2", "rcu2.3"],   # first decode: everything
         ["rcu1.1", "rcu2.0", "rcu2.1"],                                            # factor 2: block 1, block 0 after its skip
