@@ -155,19 +155,18 @@ class DepthModel(nn.Module):
         cls = tuple(feats.cls) if feats.cls is not None else None
         # the decoder by weak reference: cached features must not keep an evicted model alive
         key = (weakref.ref(self.decoder), tuple(feats.maps), cls)
+        caching = not (torch.is_grad_enabled() or fastpath.tracing())
         cached = feats.extras.get("fusion_inputs")
         if cached is not None and _same_objects(cached[0], (self.decoder, *key[1:])):
             _, layers, stages = cached
-            if torch.is_grad_enabled() or fastpath.tracing():
-                return layers, None
         else:
             with self._autocast():
                 layers = self.decoder.reassembled(feats.maps, feats.cls)
-            if torch.is_grad_enabled() or fastpath.tracing():
+            if not caching:
                 return layers, None
             stages = FusionStages()
             feats.extras["fusion_inputs"] = (key, layers, stages)
-        if not keep_stages:
+        if not (keep_stages and caching):
             return layers, None
         # one set of stages per model holds tensors: the features decoded last (a slider's)
         last = self._last_stages() if self._last_stages is not None else None

@@ -434,8 +434,6 @@ class FeatureStore:
         """Fit every `every_s` seconds on a daemon thread (with outside_allowance set): the store
         gives way to a spike of the process' memory between requests too. The thread holds
         the store weakly and ends with it."""
-        import weakref
-
         held = weakref.ref(self)
 
         def run():

@@ -16,7 +16,7 @@ from fixtures import OFFICIAL_NAMES, FixtureModels, save_fixture_checkpoint, sma
 from PIL import Image
 
 import dpt_lab
-from dpt_lab import fusion
+from dpt_lab import fastpath, fusion
 from dpt_lab.encoders.base import EncoderFeatures
 from dpt_lab.errors import DPTLabError
 from dpt_lab.fusion import FusionError, check_scales, parse_scales
@@ -134,6 +134,9 @@ def test_negative_and_large_factors(models, stem):
             assert torch.isfinite(got).all() and got.shape == unscaled.shape
             assert same_but_rounding(got, ref), scales
             assert not torch.equal(got, unscaled), scales
+            with fastpath.disabled():     # the modules' own order: the same loop, exactly
+                assert torch.equal(model.decoder.fuse(inputs, feats.out_size, scales),
+                                   hand_fuse(model.decoder, inputs, feats.out_size, scales)), scales
 
 
 # ------------------------------------------------------------------ validation
@@ -243,8 +246,6 @@ def test_fusion_input_cache_is_per_model_and_per_maps(models):
 def test_a_slider_move_reruns_only_the_blocks_its_factor_reaches(models, monkeypatch):
     """Block k's output depends on factors k.. and its skip branch on factor k alone: a move
     takes the rest from the last decode of the same features, with the same numbers."""
-    from dpt_lab import fastpath
-
     model, _, feats, _ = models("depth_anything_v2_vits")
     moves = [(1, 0.9, 1, 1), (1, 0.5, 1, 1), (0.7, 0.5, 1, 1), (0.7, 0.5, 1, 2), (0.7, 0.5, 1, 2), (0.7, 0.5, -1, 2)]
     with torch.inference_mode():

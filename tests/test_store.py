@@ -254,8 +254,7 @@ def test_an_encode_in_flight_reserves_its_working_set(lab, monkeypatch):
     lab.depth_view("a", None, picture(20), S.RANDOM_MODEL, BASE)
     one = lab.store.entries("a")[0]
     pixels = one.x.shape[-2] * one.x.shape[-1]
-    # (factor x bytes per pixel x pixels: a byte of float rounding either way)
-    assert abs(lab.store.working_set(S.RANDOM_MODEL, pixels) - store.WORKING_SET_FACTOR * one.nbytes) <= 1
+    assert lab.store.working_set(S.RANDOM_MODEL, pixels) == int(store.WORKING_SET_FACTOR * one.nbytes)
     assert lab.store.working_set("another model", pixels) == 0       # nothing learnt of it yet
     del one                          # held here, an evicted entry would still count (it lingers)
     lab.depth_view("b", None, picture(21), S.RANDOM_MODEL, BASE)
